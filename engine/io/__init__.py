@@ -1,0 +1,1 @@
+"""Cohort input/output: EMIDEC-layout NIfTI cohorts, validation, patient-level splits, LV crops."""
