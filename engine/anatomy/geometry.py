@@ -76,9 +76,9 @@ def radial_depth(label: np.ndarray) -> np.ndarray:
     """Normalized transmural depth of every myocardium pixel (DOMAIN.md section 2).
 
     ``d = e / (e + o)`` with ``e`` the distance from the pixel to the endocardial border (the
-    myocardium's pixels that touch the cavity, so those pixels have ``e = 0``) and ``o`` the distance
-    to the epicardial border (the myocardium's pixels that touch the outside, ``o = 0``). Distances
-    are Euclidean, in pixels. A wall one pixel thick (touching both) gets 0.5.
+    myocardium's pixels 8-adjacent to the cavity, which get ``e = 0``) and ``o`` the distance to the
+    epicardial border (the myocardium's pixels 8-adjacent to the outside, ``o = 0``). Distances are
+    Euclidean, in pixels (scipy's exact EDT). A pixel on both borders (a wall one pixel thick) gets 0.5.
 
     Args:
         label: 2D integer label slice (DOMAIN labels).
@@ -100,10 +100,15 @@ def radial_depth(label: np.ndarray) -> np.ndarray:
     if not myo.any() or not cavity.any():
         return depth
     outside = ~(myo | cavity)
-    # EDT measures to the nearest zero; distance to the nearest cavity / outside pixel minus one is the
-    # distance to the myocardium's own border pixel on that side.
-    e = ndimage.distance_transform_edt(~cavity) - 1.0
-    o = ndimage.distance_transform_edt(~outside) - 1.0
+    # The endocardial / epicardial borders are the myocardium pixels 8-adjacent to the cavity /
+    # the outside; e and o are Euclidean distances to those border pixels (0 on them).
+    eight = np.ones((3, 3), dtype=bool)
+    endo = myo & ndimage.binary_dilation(cavity, structure=eight)
+    epi = myo & ndimage.binary_dilation(outside, structure=eight)
+    if not endo.any() or not epi.any():
+        return depth
+    e = ndimage.distance_transform_edt(~endo)
+    o = ndimage.distance_transform_edt(~epi)
     total = e + o
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.5)

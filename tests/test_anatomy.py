@@ -1,0 +1,280 @@
+"""Anatomy with known geometry: AHA segment ranges, radial depth, layers, transmurality, captions,
+parametric scar masks, edge maps and slice levels."""
+
+import numpy as np
+import pytest
+from skimage.segmentation import find_boundaries
+
+from engine.anatomy import aha_segments, radial_depth, radial_layers, slice_levels
+from engine.anatomy.aha import TERRITORIES
+from engine.anatomy.captions import CONSTANT_CAPTION, caption
+from engine.anatomy.masks import (
+    ScarSamplerConfig,
+    ScarSpec,
+    apply_scar,
+    edge_map,
+    ellipsoid_scar_mask,
+    sample_scar,
+)
+from engine.anatomy.transmurality import describe_scar, segment_transmurality, transmurality_class
+
+SIZE, CENTRE, R_IN, R_OUT = 129, 64.0, 18.0, 30.0
+
+# DOMAIN.md section 2, written out independently of the implementation: (segment, lo, hi) degrees
+# at reference angle 120, counter-clockwise from +x.
+TABLE = {
+    "basal": [(1, 60, 120), (2, 120, 180), (3, 180, 240), (4, 240, 300), (5, 300, 360), (6, 0, 60)],
+    "mid": [(7, 60, 120), (8, 120, 180), (9, 180, 240), (10, 240, 300), (11, 300, 360), (12, 0, 60)],
+    "apical": [(13, 45, 135), (14, 135, 225), (15, 225, 315), (16, 315, 405)],
+}
+
+
+def ring(r_in=R_IN, r_out=R_OUT, size=SIZE, centre=CENTRE):
+    rows, cols = np.mgrid[:size, :size]
+    r = np.hypot(rows - centre, cols - centre)
+    label = np.zeros((size, size), np.uint8)
+    label[r <= r_out] = 2
+    label[r < r_in] = 1
+    # "up" is decreasing row index
+    angle = np.degrees(np.arctan2(-(rows - centre), cols - centre)) % 360
+    return label, angle, r
+
+
+def expected_segment(angle, level, reference):
+    a = (angle - (reference - 120)) % 360
+    for seg, lo, hi in TABLE[level]:
+        if lo <= a < hi or lo <= a + 360 < hi:
+            return seg
+    raise AssertionError(a)
+
+
+@pytest.mark.parametrize("level", ["basal", "mid", "apical"])
+@pytest.mark.parametrize("reference", [120.0, 100.0, 137.5, 300.0])
+def test_ring_segments_follow_the_table(level, reference):
+    label, angle, _ = ring()
+    seg = aha_segments(label, level, reference)
+    myo = label == 2
+    assert (seg[~myo] == 0).all()
+    # pixels away from a boundary (angular rounding) must land in the table's range exactly
+    boundaries = np.array([lo for _, lo, _ in TABLE[level]]) + (reference - 120)
+    gap = np.abs((angle[..., None] - boundaries + 180) % 360 - 180).min(-1)
+    check = myo & (gap > 1e-6)
+    want = np.vectorize(lambda a: expected_segment(a, level, reference))(angle[check])
+    np.testing.assert_array_equal(seg[check], want)
+    assert set(np.unique(seg[myo])) == {s for s, _, _ in TABLE[level]}
+
+
+@pytest.mark.parametrize(
+    "row, col, level, segment",
+    [  # points on the ring's mid-line at named directions, reference 120
+        (64 - 24, 64, "mid", 7),  # straight up: anterior
+        (64 + 24, 64, "mid", 10),  # straight down: inferior
+        (64 - 12, 64 - 21, "mid", 8),  # up-left (~150 deg): anteroseptal, RV side
+        (64 + 12, 64 - 21, "mid", 9),  # down-left (~210): inferoseptal
+        (64 + 12, 64 + 21, "basal", 5),  # down-right (~330): inferolateral
+        (64 - 12, 64 + 21, "basal", 6),  # up-right (~30): anterolateral
+        (64, 64 - 24, "apical", 14),  # left: septal
+        (64, 64 + 24, "apical", 16),  # right: lateral
+    ],
+)
+def test_named_directions(row, col, level, segment):
+    label, _, _ = ring()
+    assert aha_segments(label, level)[row, col] == segment
+
+
+def test_segments_follow_the_lv_centre_not_the_image_centre():
+    label, _, _ = ring(centre=40.0, size=160)
+    seg = aha_segments(label, "mid")
+    assert seg[40 - 24, 40] == 7 and seg[40 + 24, 40] == 10
+
+
+def test_unknown_level_and_bad_shape_raise():
+    label, _, _ = ring()
+    with pytest.raises(ValueError, match="level"):
+        aha_segments(label, "middle")
+    with pytest.raises(ValueError, match="2D"):
+        aha_segments(label[None], "mid")
+
+
+def test_depth_is_zero_at_the_cavity_border_and_one_at_the_outer_border():
+    label, _, r = ring()
+    depth = radial_depth(label)
+    myo = label == 2
+    assert np.isnan(depth[~myo]).all() and not np.isnan(depth[myo]).any()
+    cavity = label == 1
+    outside = label == 0
+    from scipy import ndimage
+
+    touches_cavity = myo & ndimage.binary_dilation(cavity, np.ones((3, 3), bool))
+    touches_outside = myo & ndimage.binary_dilation(outside, np.ones((3, 3), bool))
+    assert np.allclose(depth[touches_cavity & ~touches_outside], 0.0)
+    assert np.allclose(depth[touches_outside & ~touches_cavity], 1.0)
+    # and grows monotonically with radius along the wall (to within a pixel's rounding)
+    mid = myo & (np.abs(r - (R_IN + R_OUT) / 2) < 0.5)
+    assert np.all(np.abs(depth[mid] - 0.5) < 0.12)
+    inner, outer = myo & (r < R_IN + 3), myo & (r > R_OUT - 3)
+    assert depth[inner].max() < depth[outer].min()
+
+
+def test_layers_split_the_wall_in_thirds():
+    label, _, _ = ring()
+    depth = radial_depth(label)
+    layers = radial_layers(depth)
+    assert (layers[label != 2] == 0).all()
+    for layer, lo, hi in [(1, 0, 1 / 3), (2, 1 / 3, 2 / 3), (3, 2 / 3, 1.01)]:
+        d = depth[layers == layer]
+        assert d.size > 0 and d.min() >= lo and d.max() < hi
+
+
+def test_depth_without_cavity_is_undefined():
+    label, _, _ = ring()
+    label[label == 1] = 2
+    assert np.isnan(radial_depth(label)).all()
+
+
+@pytest.mark.parametrize(
+    "fraction, name",
+    [(0.0, "0%"), (0.01, "1-25%"), (0.25, "1-25%"), (0.26, "26-50%"), (0.5, "26-50%"),
+     (0.51, "51-75%"), (0.75, "51-75%"), (0.76, "76-100%"), (1.0, "76-100%")],
+)
+def test_transmurality_scale(fraction, name):
+    assert transmurality_class(fraction) == name
+
+
+def test_transmurality_class_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        transmurality_class(1.5)
+
+
+def wedge(label, angle, r, lo, hi, r_max, value=3):
+    out = label.copy()
+    out[(label == 2) & (angle >= lo) & (angle < hi) & (r <= r_max)] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "lo, hi, r_max, segments, klass, layer",
+    [  # ring wall from r=18 to r=30 (13 pixel rows)
+        (250, 350, 21.5, (10, 11), "26-50%", "subendocardial"),  # ~4/13 of the wall
+        (250, 290, 24.5, (10,), "51-75%", "subendocardial"),
+        (70, 110, 31, (7,), "76-100%", "transmural"),
+        (125, 175, 18.5, (8,), "1-25%", "subendocardial"),
+    ],
+)
+def test_transmurality_and_caption_of_known_wedges(lo, hi, r_max, segments, klass, layer):
+    label, angle, r = ring()
+    scarred = wedge(label, angle, r, lo, hi, r_max)
+    anatomy = describe_scar(scarred, "mid")
+    assert anatomy.segments == segments
+    assert anatomy.transmurality_class == klass
+    assert anatomy.layer == layer
+    assert set(segment_transmurality(scarred, "mid")) == set(segments)
+    text = caption(scarred, "mid")
+    names = {7: "mid anterior", 8: "mid anteroseptal", 10: "mid inferior", 11: "mid inferolateral"}
+    for s in segments:
+        assert names[s] in text
+    assert klass in text and (layer in text or layer == "transmural")
+    assert text.startswith("LGE short-axis, mid slice.")
+
+
+def test_midwall_and_subepicardial_scar_are_named():
+    label, angle, r = ring()
+    mid = label.copy()
+    mid[(label == 2) & (angle >= 160) & (angle < 200) & (r > 22) & (r < 26)] = 3
+    assert describe_scar(mid, "mid").layer == "mid-wall"
+    epi = label.copy()
+    epi[(label == 2) & (angle >= 300) & (angle < 340) & (r > 26)] = 3
+    anatomy = describe_scar(epi, "mid")
+    assert anatomy.layer == "subepicardial" and anatomy.segments == (11,)
+    assert "subepicardial" in caption(epi, "mid")
+
+
+def test_caption_of_negative_slice_mvo_and_constant_mode():
+    label, angle, r = ring()
+    assert caption(label, "basal") == "LGE short-axis, basal slice. No enhancement."
+    scarred = wedge(label, angle, r, 70, 110, 31)
+    scarred[(scarred == 3) & (angle > 85) & (angle < 95) & (r < 22)] = 4
+    assert "microvascular obstruction" in caption(scarred, "mid")
+    assert caption(scarred, "mid", mode="constant") == CONSTANT_CAPTION
+    with pytest.raises(ValueError, match="caption mode"):
+        caption(scarred, "mid", mode="fancy")
+
+
+def test_caption_is_deterministic():
+    label, angle, r = ring()
+    scarred = wedge(label, angle, r, 200, 280, 24)
+    assert caption(scarred, "apical") == caption(scarred.copy(), "apical")
+
+
+@pytest.mark.parametrize(
+    "spec, layer_test",
+    [
+        (ScarSpec(270.0, 60.0, "subendocardial", 0.5), lambda d: d.min() == 0.0 and d.max() <= 0.5 + 1e-9),
+        (ScarSpec(90.0, 40.0, "subepicardial", 0.3), lambda d: d.max() == 1.0 and d.min() >= 0.7 - 1e-9),
+        (ScarSpec(180.0, 50.0, "mid-wall", 0.4), lambda d: d.min() >= 0.3 - 1e-9 and d.max() <= 0.7 + 1e-9),
+    ],
+)
+def test_ellipsoid_mask_stays_in_its_region(spec, layer_test):
+    label, angle, _ = ring()
+    mask = ellipsoid_scar_mask(label, spec)
+    assert mask.any() and (label[mask] == 2).all()
+    dtheta = (angle[mask] - spec.centre_angle + 180) % 360 - 180
+    assert np.abs(dtheta).max() <= spec.angular_width / 2 + 1e-9
+    assert layer_test(radial_depth(label)[mask])
+
+
+def test_ellipsoid_transmurality_is_what_the_caption_reports():
+    label, _, _ = ring()
+    # class centres: pixel rounding of a 13-pixel wall moves the measured extent by up to ~1/13
+    for t, klass in [(0.12, "1-25%"), (0.38, "26-50%"), (0.62, "51-75%"), (0.9, "76-100%")]:
+        mask = ellipsoid_scar_mask(label, ScarSpec(270.0, 50.0, "subendocardial", t))
+        text = caption(apply_scar(label, mask), "mid")
+        assert klass in text, (t, text)
+
+
+def test_sampler_is_seeded_and_respects_territories():
+    label, _, _ = ring()
+    cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0})
+    draws = []
+    for seed in range(30):
+        for level in ("basal", "mid", "apical"):
+            mask, spec = sample_scar(label, level, np.random.default_rng(seed), cfg)
+            again, _ = sample_scar(label, level, np.random.default_rng(seed), cfg)
+            np.testing.assert_array_equal(mask, again)
+            segs = set(np.unique(aha_segments(label, level)[mask])) - {0}
+            assert segs <= set(TERRITORIES[spec.territory]), (spec, segs)
+            draws.append(spec.territory)
+    assert set(draws) == {"LAD", "RCA", "LCx"}
+
+
+def test_sampler_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="pattern_weights"):
+        ScarSamplerConfig(pattern_weights={"ischaemic": 1.0})
+    with pytest.raises(ValueError, match="ischemic_transmurality"):
+        ScarSamplerConfig(ischemic_transmurality=(0.5, 0.2))
+
+
+def test_sampler_reports_a_wall_too_thin():
+    label, _, _ = ring(r_in=29.5, r_out=30.0)
+    label[:] = np.where(label == 2, 0, label)  # cavity only: no myocardium at all
+    with pytest.raises(ValueError):
+        sample_scar(label, "mid", np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_edge_map_width(width):
+    label, _, _ = ring()
+    mask = ellipsoid_scar_mask(label, ScarSpec(270.0, 80.0, "subendocardial", 0.8))
+    edges = edge_map(mask, width)
+    assert (edges <= mask).all() and edges.any()
+    if width == 1:
+        np.testing.assert_array_equal(edges, find_boundaries(mask, mode="inner", connectivity=2) & mask)
+    assert edges.sum() <= edge_map(mask, width + 1).sum()
+
+
+def test_slice_levels_split_cavity_slices_in_thirds():
+    label, _, _ = ring()
+    no_cavity = np.where(label == 1, 2, label)
+    empty = np.zeros_like(label)
+    stack = [empty, label, label, label, label, label, label, label, no_cavity]
+    assert slice_levels(stack) == [None, "basal", "basal", "basal", "mid", "mid", "apical", "apical", "apex"]
