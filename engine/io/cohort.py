@@ -94,7 +94,7 @@ class CohortConfig:
             raise ValueError(f"CohortConfig.crop_size must be an integer >= 16 pixels, got {self.crop_size!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: identity equality and hashing
 class SliceRecord:
     """One 2D short-axis slice of a patient, in the engine orientation.
 
@@ -199,8 +199,8 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
         case = read_case(files)
         problems = validate_case(case)
         report.problems.extend(problems)
-        if problems or files.case_id in bad_ids or cfg.on_invalid == "fail" and report.problems:
-            continue  # after the first problem under "fail" only checking goes on
+        if problems or files.case_id in bad_ids or (cfg.on_invalid == "fail" and report.problems):
+            continue  # under "fail", once anything is wrong the remaining cases are only checked
         case_records, without_lv = _records(case, cfg)
         records.extend(case_records)
         if without_lv:
