@@ -1,0 +1,45 @@
+"""The run's config tree: one YAML file (``configs/*.yaml``) with ``key=value`` overrides.
+
+Each component owns its section's dataclass; this module only composes them. Stages added later
+(models, training, synthesis, evaluation, sweeps) add their sections here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.anatomy.masks import ScarSamplerConfig
+from engine.io.cohort import CohortConfig
+from engine.io.splits import SplitConfig
+from engine.phantom.config import PhantomConfig
+
+
+@dataclass
+class EngineConfig:
+    """A whole run.
+
+    Args:
+        cohort: where the cohort lives and how its stacks are oriented (required).
+        run_dir: where the run writes its artifacts and reports.
+        seed: the run's base seed; every stage derives its own seeds from it.
+        split: patient-level train/val/test split.
+        phantom: the embedded phantom cohort (used when the run makes its own cohort).
+        scar_sampler: distribution of parametric scars drawn on negative slices.
+
+    Example:
+        >>> from engine.config import load_config
+        >>> cfg = load_config(EngineConfig, "configs/demo.yaml", ["split.seed=3"])  # doctest: +SKIP
+    """
+
+    cohort: CohortConfig
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    scar_sampler: ScarSamplerConfig = field(default_factory=ScarSamplerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must be a non-empty path or URL")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
