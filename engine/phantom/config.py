@@ -26,8 +26,8 @@ class PhantomConfig:
     Args:
         image_size: side of the square slices in pixels (>= 64).
         pixel_spacing_range: (min, max) in-plane spacing in mm drawn per patient, as it holds at a
-            256-pixel side (EMIDEC: about 1.46 mm). At other sides the spacing is scaled by
-            ``256 / image_size`` so the field of view stays a full thorax.
+            256-pixel side (EMIDEC: about 1.46 mm; allowed 1-2 mm). At other sides the spacing is
+            scaled by ``256 / image_size`` so the field of view stays a full thorax (~370 mm).
         slice_thickness: slice spacing in mm of most patients (EMIDEC: 10 mm).
         max_slice_thickness: the thickest slice spacing, drawn for ``thick_slice_fraction`` of patients.
         thick_slice_fraction: share of patients with slices thicker than ``slice_thickness``.
@@ -87,7 +87,7 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 64:
             raise ValueError(f"image_size must be an int >= 64, got {self.image_size!r}")
-        _check_range("pixel_spacing_range", self.pixel_spacing_range, 0.3, 5.0)
+        _check_range("pixel_spacing_range", self.pixel_spacing_range, 1.0, 2.0)
         if not 1.0 <= self.slice_thickness <= self.max_slice_thickness <= 30.0:
             raise ValueError(
                 f"need 1 <= slice_thickness <= max_slice_thickness <= 30 mm, got "

@@ -53,9 +53,3 @@ def texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float | tup
     mode = ["wrap" if (i == 0 and wrap_axis0) else "reflect" for i in range(len(shape))]
     field = ndimage.gaussian_filter(raw, sigma, mode=mode)
     return (field - field.mean()) / (field.std() + 1e-12)
-
-
-def smoothstep(x: np.ndarray | float) -> np.ndarray | float:
-    """Hermite ramp 0 -> 1 over [0, 1]."""
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)

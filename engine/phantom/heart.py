@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.phantom.fields import ANGLES, N_ANGLES, arc_window, bump, circular_noise, harmonics
+from engine.phantom.fields import ANGLES, N_ANGLES, angular_distance, arc_window, bump, circular_noise, harmonics
 
 # Disc kinds.
 CAVITY_MUSCLE = 0  # papillary muscle or trabecula: inside the cavity, labelled cavity
@@ -102,8 +102,8 @@ def sample_heart(rng: np.random.Generator, n_slices: int, slice_thickness: float
     6-11 mm thick (thinner toward the apex and not uniform), the cavity shrinks toward the apex and
     the last slice may be past it.
     """
-    r_epi_base = rng.uniform(fov_mm / 20.0, fov_mm / 14.0)
-    wall = rng.uniform(6.0, min(11.0, r_epi_base - 11.0))
+    r_epi_base = float(np.clip(rng.uniform(fov_mm / 20.0, fov_mm / 14.0), 17.0, 34.0))
+    wall = rng.uniform(6.0, float(np.clip(r_epi_base - 11.0, 6.5, 11.0)))
     r_endo_base = r_epi_base - wall
     # Long-axis shape: the cavity radius follows a half ellipsoid, sqrt(1 - (a z)^2), z = 0 at the
     # base and 1 at the last slice; a close to 1 leaves a tiny cavity on the last slice.
@@ -172,7 +172,7 @@ def sample_heart(rng: np.random.Generator, n_slices: int, slice_thickness: float
             vessels.append((rng.uniform(-60.0, 100.0) % 360.0, rng.uniform(0.7, 1.1)))
         for angle, radius in vessels:
             i = int(round(angle)) % N_ANGLES
-            near = np.abs(((ANGLES - angle + 180) % 360) - 180) < 8.0
+            near = np.abs(angular_distance(ANGLES, angle)) < 8.0
             fat = np.where(near, np.maximum(fat, 2 * radius + 1.0), fat)  # a vessel always sits in fat
             r = r_epi[i] + rv_cavity[i] + rv_wall[i] + 0.5 * fat[i]
             a = np.radians(angle)

@@ -1,12 +1,13 @@
 """Image formation of a phantom slice: supersampled tissue rendering (numba), partial volume, a
 coil bias field, blur, and Rician noise in raw scanner units.
 
-The kernel walks the pixels of a slice; each pixel is cut into ``n x n`` sub-samples (``n`` the
-heart's supersampling near the heart, the thorax's elsewhere), every sub-sample gets a tissue and
-an intensity, the pixel's intensity is their mean (partial volume at every border) and its label
-their majority: first the region (background, cavity or myocardium {2, 3, 4}), then, inside the
-myocardium, healthy, scar or MVO. The region vote ignores scar, so adding scar never moves the
-myocardium's outline.
+The kernel walks the pixels of a slice; a pixel that may straddle a tissue border is cut into
+``n x n`` sub-samples (``n`` the heart's supersampling near the heart, the thorax's elsewhere; every
+pixel of the LV wall, where scar borders run, is supersampled), a pixel inside one tissue takes a
+single sample. Each sub-sample gets a tissue and an intensity; the pixel's intensity is their mean
+(partial volume at every border) and its label their majority: first the region (background,
+cavity or myocardium {2, 3, 4}), then, inside the myocardium, healthy, scar or MVO. The region vote
+ignores scar, so adding scar never moves the myocardium's outline.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from engine.phantom.fields import N_ANGLES, texture
 from engine.phantom.heart import CAVITY_MUSCLE as DISC_CAVITY_MUSCLE, CORONARY as DISC_CORONARY, HeartSlice
 from engine.phantom.thorax import ThoraxSlice
 from engine.phantom.tissue import (
-    AIR, AORTA, CANAL, CAVITY_MUSCLE, EPI_FAT, LABEL_OF, LIVER, LUNG, LV_BLOOD, MARROW, MEDIASTINUM, MUSCLE, MVO, MYO,
+    AIR, AORTA, CAVITY_MUSCLE, EPI_FAT, LABEL_OF, LIVER, LUNG, LV_BLOOD, MARROW, MEDIASTINUM, MUSCLE, MVO, MYO,
     RV_BLOOD, RV_WALL, SCAR, SUBCUT_FAT, VESSEL, Contrast,
 )
 
@@ -123,7 +124,7 @@ def _tissue_value(code, levels, tc, tf):
         return v * (1.0 + 0.3 * tf) + (0.18 * min(tf - 1.7, 1.0) if tf > 1.7 else 0.0)
     if code == MEDIASTINUM:
         # soft tissue with streaks of fat where the coarse texture peaks
-        fat = min(max((tc - 0.2) * 1.5, 0.0), 1.0)
+        fat = min(max((tc - 0.6) * 1.5, 0.0), 1.0)
         return (v + (levels[EPI_FAT] - v) * fat) * (1.0 + 0.12 * tf)
     if code == SUBCUT_FAT or code == EPI_FAT:
         return v * (1.0 + 0.1 * tf + 0.05 * tc)

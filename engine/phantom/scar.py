@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.anatomy.aha import LEVEL_SEGMENTS, TERRITORIES, segment_centre_angle, segment_half_width
-from engine.phantom.fields import N_ANGLES, angular_distance, arc_window, circular_noise
+from engine.phantom.fields import N_ANGLES, arc_window, circular_noise
 
 # Degrees an ischemic arc keeps from its territory's segment borders (the LV centre of the labels
 # differs from the geometric one by a fraction of a pixel).
@@ -181,6 +181,3 @@ def sample_scar(rng: np.random.Generator, pattern: str, levels: list[str], tiny:
     else:
         raise ValueError(f"unknown scar pattern {pattern!r}")
     return plan
-
-
-__all__ = ["ScarPlan", "TERRITORY_MARGIN_DEG", "angular_distance", "sample_scar", "territory_arc"]

@@ -85,22 +85,24 @@ def place_thorax(rng: np.random.Generator, heart: HeartPlan, size: int, pixel_mm
     lv_y = min(lv_y, ay - ar - down - rng.uniform(3.0, 10.0))
     heart.place((lv_x - first.centre[0], lv_y - first.centre[1]))
 
-    # mediastinum: an envelope around the heart (pericardial fat and tissue), plus the posterior
-    # mediastinum between the heart and the spine around the aorta and oesophagus
-    pts = []
-    for s in heart.slices:
-        r = s.outer_radius()
-        pts.append(np.stack([s.centre[0] + r * np.cos(theta), s.centre[1] - r * np.sin(theta)], axis=1))
-    pts = np.concatenate(pts)
-    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    # mediastinum: an envelope around each slice's heart (pericardial fat and tissue), plus the
+    # posterior mediastinum between the heart and the spine around the aorta and oesophagus
     margin = rng.uniform(0.5, 3.0)
-    envelope = ((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2 * 1.05 + margin, (y1 - y0) / 2 * 1.05 + margin, MEDIASTINUM)
-    top = lv_y + 0.5 * down
-    posterior = ((vx + ax) / 2, (top + vy) / 2, 0.5 * (ax - vx) + ar + rng.uniform(2.0, 6.0), (vy - top) / 2, MEDIASTINUM)
 
-    # liver under the heart, image left, in the basal slices only
+    def envelope(s) -> tuple:
+        r = s.outer_radius()
+        x = s.centre[0] + r * np.cos(theta)
+        y = s.centre[1] - r * np.sin(theta)
+        return ((x.min() + x.max()) / 2, (y.min() + y.max()) / 2,
+                (x.max() - x.min()) / 2 * 1.05 + margin, (y.max() - y.min()) / 2 * 1.05 + margin, MEDIASTINUM)
+
+    top = lv_y + 0.5 * down
+    posterior = ((vx + ax) / 2, (top + vy) / 2, 0.5 * (ax - vx) + ar + rng.uniform(1.0, 4.0), (vy - top) / 2, MEDIASTINUM)
+
+    # liver: a dome under the heart filling the lower image-left part of the thoracic cavity
+    # (bounded there by the muscle), in the basal slices only
     n_liver = int(rng.integers(1, 4))
-    liver = (lv_x - rng.uniform(30.0, 60.0), lv_y + rng.uniform(30.0, 50.0), rng.uniform(40.0, 65.0), rng.uniform(25.0, 40.0))
+    liver = (lv_x - rng.uniform(50.0, 80.0), lv_y + rng.uniform(65.0, 90.0), rng.uniform(70.0, 95.0), rng.uniform(50.0, 65.0))
 
     # the acquired (non-zero) part of the image: the rest is zero padding
     pads = [int(max(1, round(rng.uniform(0.015, 0.1) * size))) for _ in range(4)]
@@ -110,9 +112,9 @@ def place_thorax(rng: np.random.Generator, heart: HeartPlan, size: int, pixel_mm
     for k, s in enumerate(heart.slices):
         ellipses = []
         if k < n_liver:
-            shrink = 1.0 - 0.25 * k
-            ellipses.append((liver[0], liver[1] + 8.0 * k, liver[2] * shrink, liver[3] * shrink, LIVER))
-        ellipses += [envelope, posterior]
+            shrink = 1.0 - 0.2 * k
+            ellipses.append((liver[0], liver[1] + 10.0 * k, liver[2] * shrink, liver[3] * shrink, LIVER))
+        ellipses += [envelope(s), posterior]
         discs = [(ax, ay, ar, AORTA), (vx, vy, vr, MARROW), (*canal, CANAL)]
         out.append(
             ThoraxSlice(
