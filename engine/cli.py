@@ -24,7 +24,10 @@ def _phantom(args: argparse.Namespace) -> int:
 
     cfg = from_dict(PhantomConfig, apply_overrides({}, args.overrides), path="phantom")
     start = time.perf_counter()
-    manifest = write_phantom_cohort(args.out, args.patients, seed=args.seed, cfg=cfg)
+    try:
+        manifest = write_phantom_cohort(args.out, args.patients, seed=args.seed, cfg=cfg)
+    except ValueError as err:  # e.g. an output folder holding someone else's cases
+        raise UsageError(str(err)) from err
     positives = sum(bool(p["positive"]) for p in manifest)
     print(
         f"wrote {len(manifest)} patients ({positives} positive, {len(manifest) - positives} negative) to "

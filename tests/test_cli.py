@@ -153,3 +153,11 @@ def test_console_script_is_installed():
     assert exe, "the console script `lgesynth` is not on PATH (pip install -e . installs it)"
     result = subprocess.run([exe, "validate", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "one line per" in result.stdout
+
+
+def test_phantom_refuses_a_folder_holding_other_cases(tmp_path):
+    (tmp_path / "c" / "Case_P001" / "Images").mkdir(parents=True)
+    result = run("phantom", tmp_path / "c", "--patients", 2, "image_size=96")
+    assert result.returncode == 2
+    assert "did not make" in result.stderr and "Case_P001" in result.stderr
+    assert (tmp_path / "c" / "Case_P001").is_dir()  # nothing of the user's was deleted

@@ -26,12 +26,8 @@ from engine.anatomy.aha import aha_segments, slice_levels
 from engine.anatomy.labels import MVO, scar_region
 from engine.io.orientation import slices_to_volume
 from engine.phantom.config import PhantomConfig
+from engine.anatomy.transmurality import segment_transmurality, transmurality_class
 from engine.phantom.patient import PhantomPatient, generate_patient
-
-try:  # the lead's transmurality module; the manifest leaves transmurality out without it
-    from engine.anatomy.transmurality import segment_transmurality, transmurality_class
-except ImportError:  # pragma: no cover - depends on the checkout
-    segment_transmurality = transmurality_class = None
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
@@ -77,9 +73,9 @@ def write_case(out_dir: str | os.PathLike, patient: PhantomPatient) -> tuple[str
     return paths
 
 
-def scar_segments(label: np.ndarray, reference_angle: float = 120.0) -> tuple[list[int], dict[int, float] | None]:
+def scar_segments(label: np.ndarray, reference_angle: float = 120.0) -> tuple[list[int], dict[int, float]]:
     """AHA segments holding scar in a label stack ``[k, H, W]`` (levels from :func:`slice_levels`)
-    and, when the transmurality module is available, each segment's largest transmural extent."""
+    and each segment's largest transmural extent over the slices."""
     levels = slice_levels(label)
     segments: set[int] = set()
     extent: dict[int, float] = {}
@@ -88,21 +84,20 @@ def scar_segments(label: np.ndarray, reference_angle: float = 120.0) -> tuple[li
             continue
         seg = aha_segments(label[k], level, reference_angle)
         segments.update(int(s) for s in np.unique(seg[scar_region(label[k])]) if s > 0)
-        if segment_transmurality is not None:
-            for s, value in segment_transmurality(label[k], level, reference_angle).items():
-                extent[int(s)] = max(extent.get(int(s), 0.0), float(value))
-    return sorted(segments), (extent if segment_transmurality is not None else None)
+        for s, value in segment_transmurality(label[k], level, reference_angle).items():
+            extent[int(s)] = max(extent.get(int(s), 0.0), float(value))
+    return sorted(segments), extent
 
 
 def manifest_entry(patient: PhantomPatient, image_path: str = "", label_path: str = "") -> dict:
     """What a written case holds, measured on its labels (scar segments, transmurality, MVO).
 
     Keys: patient_id, index, positive, pattern, territory, scar_segments (sorted AHA numbers),
-    transmurality (``{"7": "51-75%", ...}``, or None without the transmurality module), mvo,
+    transmurality (``{"7": "51-75%", ...}``, the largest class over the slices), mvo,
     n_slices, spacing ``[slice, row, col]`` mm, scar_pixels, tiny, seed, image, label.
     """
     segments, extent = scar_segments(patient.label)
-    classes = None if extent is None else {str(s): transmurality_class(min(v, 1.0)) for s, v in sorted(extent.items())}
+    classes = {str(s): transmurality_class(min(v, 1.0)) for s, v in sorted(extent.items())}
     return {
         "patient_id": patient.patient_id,
         "index": int(patient.meta["index"]),
@@ -126,7 +121,7 @@ def _csv_row(entry: dict) -> dict:
     row = {k: entry[k] for k in CSV_COLUMNS if k in entry}
     row["territory"] = entry["territory"] or ""
     row["scar_segments"] = ";".join(str(s) for s in entry["scar_segments"])
-    row["transmurality"] = ";".join(f"{s}:{c}" for s, c in (entry["transmurality"] or {}).items())
+    row["transmurality"] = ";".join(f"{s}:{c}" for s, c in entry["transmurality"].items())
     row["spacing_slice"], row["spacing_row"], row["spacing_col"] = entry["spacing"]
     return row
 
