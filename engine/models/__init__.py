@@ -1,0 +1,1 @@
+"""Networks of the engine, one file per model: reward, VAE, inpainting UNet, ControlNet, text encoder, downstream."""
