@@ -1,0 +1,827 @@
+"""From a validated cohort to the arrays and torch datasets every model of the engine trains on.
+
+Three layers, each usable alone:
+
+1. :func:`build_slice_arrays`: slice records -> :class:`SliceArrays`, stacked numpy arrays of
+   LV-centred crops (compact, picklable, cheap to put in the Ray object store), with per-slice
+   intensity normalization and the caption of every slice (DOMAIN.md section 3).
+2. Pure numpy inputs of each stage: :func:`segmentation_arrays` (reward and downstream models),
+   :func:`inpainting_arrays` (generator training on positive slices, DOMAIN.md section 4),
+   :func:`synthesis_candidates` (negative slices + parametric scars for the synthesis stage) and
+   :func:`mix_real_and_synthetic` (the downstream training set).
+3. Torch datasets with MONAI dictionary transforms: :class:`SegmentationDataset`,
+   :class:`InpaintingDataset`, the :class:`EdgeMap` / :class:`EdgeMapd` transforms that keep the
+   edge-map condition consistent with an augmented scar mask, and :func:`collate`.
+
+Shapes (``S`` = ``SliceDataConfig.crop_size``): images are channel-first ``[N, 1, S, S]``; labels
+``[N, S, S]`` (DOMAIN labels 0-4); binary masks ``[N, 1, S, S]`` uint8 (0/1) in the numpy layers and
+float ``[1, S, S]`` tensors from the datasets.
+
+Example::
+
+    cohort = load_cohort(CohortConfig(root="data/phantom"))
+    cfg = SliceDataConfig(crop_size=96)
+    arrays = build_slice_arrays(cohort.records, cfg, reference_angle=120.0)
+    parts = split_arrays(arrays, SplitConfig(seed=0).split(patients_in(arrays)))
+    reward_train = SegmentationDataset(parts["train"], cfg, train=True, seed=0)
+    generator_train = InpaintingDataset(parts["train"], cfg, train=True, seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Hashable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Transform,
+)
+from monai.utils import convert_to_dst_type
+from scipy import ndimage
+
+from engine.anatomy.captions import CaptionMode, caption
+from engine.anatomy.labels import MYOCARDIUM, VALID_LABELS, scar_region
+from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map, sample_scar
+from engine.io.crop import LVCentredCrop
+
+__all__ = [
+    "DownstreamData", "EdgeMap", "EdgeMapd", "InpaintingDataset", "SegmentationDataset", "SliceArrays",
+    "SliceDataConfig", "build_slice_arrays", "collate", "concat", "derive_seed", "dilate_masks",
+    "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity", "patients_in",
+    "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
+    "synthesis_candidates",
+]
+
+# Levels a parametric scar can be drawn on (the apex cap has no AHA ring to place it in).
+SCAR_LEVELS = ("basal", "mid", "apical")
+# Largest rotation the config accepts: a basal/mid AHA segment is 60 degrees wide, so a rotation of
+# 30 already moves a scar centred in one segment onto its border; beyond that captions go wrong.
+MAX_ROTATE_DEGREES = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class SliceDataConfig:
+    """How slices become model inputs.
+
+    Args:
+        crop_size: side in pixels of the LV-centred crop (the window is placed from the labels).
+        intensity: intensity normalization; ``"percentile"`` only.
+        percentile: each crop is divided by this percentile of its own intensities and clipped to
+            [0, 1]. Per slice, not per cohort: raw scanner values (0-4095) have no common scale between
+            patients (coil, gain, inversion time differ), so a cohort-wide scale would put one
+            patient's scar at another's blood-pool level. A high percentile rather than the maximum
+            keeps a few hot pixels (fat, vessels, noise) from darkening the whole slice.
+        edge_width: width in pixels of the scar edge map (:func:`engine.anatomy.edge_map`).
+        mask_dilation: pixels the inpainting region extends beyond the scar (8-connected dilation).
+        condition: the generator's condition: ``"edges"`` (the scar's edge map; the paper's choice,
+            which beat filled masks in its ablation) or ``"mask"`` (the filled scar mask).
+        caption_mode: ``"descriptive"`` (anatomy-aware) or ``"constant"`` (the ablation's fixed caption).
+        augment: augment training datasets (never validation or test ones).
+        rotate_degrees: largest rotation, uniform in ``[-rotate_degrees, rotate_degrees]``, at most
+            30. Kept small because the caption names AHA segments, which are angular sectors about the
+            LV centre: a large rotation would move the scar into segments the caption does not name.
+            There is no flip at all: a mirror image swaps septum and lateral wall (the RV would lie
+            on the wrong side) and reverses the counter-clockwise segment order, so every caption
+            would be wrong.
+        scale_range: largest relative zoom, factor uniform in ``[1 - scale_range, 1 + scale_range]``.
+        intensity_jitter: largest relative intensity scaling and largest intensity shift (in units
+            of the [0, 1] normalized range) of the image.
+        noise_std: largest standard deviation of added Gaussian noise (normalized units).
+
+    Example::
+
+        SliceDataConfig(crop_size=128, condition="mask", augment=False)
+    """
+
+    crop_size: int = 96
+    intensity: Literal["percentile"] = "percentile"
+    percentile: float = 99.5
+    edge_width: int = 1
+    mask_dilation: int = 2
+    condition: Literal["edges", "mask"] = "edges"
+    caption_mode: Literal["descriptive", "constant"] = "descriptive"
+    augment: bool = True
+    rotate_degrees: float = 10.0
+    scale_range: float = 0.1
+    intensity_jitter: float = 0.1
+    noise_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        def integer(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"SliceDataConfig.{name} must be an integer >= {lo}, got {v!r}")
+            setattr(self, name, int(v))
+
+        def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+                raise ValueError(f"SliceDataConfig.{name} must be a number in {interval}, got {v!r}")
+            setattr(self, name, float(v))
+
+        integer("crop_size", 16)
+        integer("edge_width", 1)
+        integer("mask_dilation", 0)
+        for name, allowed in (("intensity", ("percentile",)), ("condition", ("edges", "mask")),
+                              ("caption_mode", ("descriptive", "constant"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SliceDataConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"SliceDataConfig.augment must be true or false, got {self.augment!r}")
+        number("percentile", 0.0, 100.0, lo_open=True)
+        number("rotate_degrees", 0.0, MAX_ROTATE_DEGREES)
+        number("scale_range", 0.0, 0.5, hi_open=True)
+        number("intensity_jitter", 0.0, 1.0, hi_open=True)
+        number("noise_std", 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# slice arrays
+
+
+@dataclass(eq=False)  # arrays inside: identity equality
+class SliceArrays:
+    """Stacked LV-centred slices of a cohort (or of part of one), ``N`` slices of side ``S``.
+
+    Attributes:
+        image: float32 [N, 1, S, S], per-slice normalized to [0, 1] (see ``SliceDataConfig.percentile``).
+        label: uint8 [N, S, S], DOMAIN labels 0-4.
+        level: "basal", "mid", "apical" or "apex" per slice (apex slices are kept for segmentation;
+            no scar is ever synthesized on them).
+        source: "patient/slice" per slice (:attr:`engine.io.cohort.SliceRecord.source`).
+        patient_id: patient per slice.
+        caption: caption of each cropped label (:func:`engine.anatomy.caption`).
+        positive: bool [N], the slice holds scar (labels 3 or 4).
+        pixel_area_mm2: float32 [N], in-plane area of one pixel.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    level: list[str]
+    source: list[str]
+    patient_id: list[str]
+    caption: list[str]
+    positive: np.ndarray
+    pixel_area_mm2: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.image = np.asarray(self.image, dtype=np.float32)
+        self.label = np.asarray(self.label, dtype=np.uint8)
+        self.positive = np.asarray(self.positive, dtype=bool)
+        self.pixel_area_mm2 = np.asarray(self.pixel_area_mm2, dtype=np.float32)
+        for name in ("level", "source", "patient_id", "caption"):
+            setattr(self, name, list(getattr(self, name)))
+        n = self.image.shape[0] if self.image.ndim == 4 else -1
+        if self.image.ndim != 4 or self.image.shape[1] != 1 or self.image.shape[2] != self.image.shape[3]:
+            raise ValueError(f"SliceArrays.image must be [N, 1, S, S], got shape {self.image.shape}")
+        if self.label.shape != (n, *self.image.shape[2:]):
+            raise ValueError(f"SliceArrays.label must be [N, S, S] = {(n, *self.image.shape[2:])}, got {self.label.shape}")
+        for name in ("level", "source", "patient_id", "caption", "positive", "pixel_area_mm2"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SliceArrays.{name} has {len(getattr(self, name))} entries for {n} slices")
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.image.shape[-1])
+
+
+def normalize_intensity(image: np.ndarray, percentile: float) -> np.ndarray:
+    """``image / percentile(image)`` clipped to [0, 1], float32 (one slice; see :class:`SliceDataConfig`).
+
+    Raises:
+        ValueError: the percentile is not positive (an empty, all-zero slice), so there is no scale.
+    """
+    scale = float(np.percentile(image, percentile))
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"the {percentile} percentile of the slice is {scale}: no intensity scale (empty slice?)")
+    return np.clip(np.asarray(image, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
+
+
+def build_slice_arrays(records: Sequence, cfg: SliceDataConfig | None = None, reference_angle: float = 120.0) -> SliceArrays:
+    """LV-centred crops, normalized images and captions of slice records, stacked.
+
+    Args:
+        records: :class:`engine.io.cohort.SliceRecord` s (anything with ``image``, ``label``, ``level``,
+            ``patient_id``, ``source`` and ``spacing``).
+        cfg: crop size, normalization and caption mode.
+        reference_angle: the cohort's AHA reference angle (``CohortConfig.reference_angle``).
+
+    Raises:
+        ValueError: no records; or a slice whose crop fails (no LV, the window cuts part of the heart
+            off, no intensity scale), named by its source. Nothing is skipped silently.
+    """
+    cfg = cfg or SliceDataConfig()
+    records = list(records)
+    if not records:
+        raise ValueError("build_slice_arrays: no slice records given")
+    cropper = LVCentredCrop(cfg.crop_size)
+    n, s = len(records), cfg.crop_size
+    image = np.empty((n, 1, s, s), np.float32)
+    label = np.empty((n, s, s), np.uint8)
+    captions, area = [], np.empty(n, np.float32)
+    for i, r in enumerate(records):
+        try:
+            lab = np.asarray(r.label, dtype=np.uint8)
+            crop_label, box = cropper(lab)
+            heart = int(np.count_nonzero(lab))
+            if np.count_nonzero(crop_label) != heart:
+                raise ValueError(f"the {s}-pixel crop cuts {heart - np.count_nonzero(crop_label)} of {heart} "
+                                 "labelled pixels off; raise crop_size")
+            image[i, 0] = normalize_intensity(cropper.apply_box(np.asarray(r.image, np.float32), box), cfg.percentile)
+            label[i] = crop_label
+            captions.append(caption(crop_label, r.level, reference_angle, cfg.caption_mode))
+        except ValueError as e:
+            raise ValueError(f"slice {r.source}: {e}") from e
+        area[i] = float(r.spacing[0]) * float(r.spacing[1])
+    return SliceArrays(
+        image=image, label=label, level=[r.level for r in records], source=[r.source for r in records],
+        patient_id=[r.patient_id for r in records], caption=captions,
+        positive=scar_region(label).any(axis=(1, 2)), pixel_area_mm2=area,
+    )
+
+
+def _indices(n: int, mask_or_indices: Any) -> np.ndarray:
+    sel = np.asarray(mask_or_indices)
+    if sel.dtype == bool:
+        if sel.shape != (n,):
+            raise ValueError(f"boolean selection must have shape ({n},), got {sel.shape}")
+        return np.flatnonzero(sel)
+    if sel.size == 0:
+        return np.zeros(0, np.int64)
+    if not np.issubdtype(sel.dtype, np.integer) or sel.ndim != 1:
+        raise ValueError(f"selection must be a boolean mask or 1D integer indices, got dtype {sel.dtype}, shape {sel.shape}")
+    if sel.min() < -n or sel.max() >= n:
+        raise IndexError(f"selection index out of range for {n} slices")
+    return sel % n
+
+
+def select(arrays: SliceArrays, mask_or_indices: Any) -> SliceArrays:
+    """The slices chosen by a boolean mask [N] or integer indices, in that order (a copy)."""
+    idx = _indices(len(arrays), mask_or_indices)
+    return SliceArrays(**{
+        f.name: (getattr(arrays, f.name)[idx] if isinstance(getattr(arrays, f.name), np.ndarray)
+                 else [getattr(arrays, f.name)[i] for i in idx])
+        for f in fields(SliceArrays)
+    })
+
+
+def concat(parts: Iterable[SliceArrays]) -> SliceArrays:
+    """Slices of several :class:`SliceArrays` one after the other (same crop size)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("concat: nothing to concatenate")
+    sizes = {p.crop_size for p in parts}
+    if len(sizes) > 1:
+        raise ValueError(f"concat: crop sizes differ {sorted(sizes)}")
+    return SliceArrays(**{
+        f.name: (np.concatenate([getattr(p, f.name) for p in parts]) if isinstance(getattr(parts[0], f.name), np.ndarray)
+                 else [v for p in parts for v in getattr(p, f.name)])
+        for f in fields(SliceArrays)
+    })
+
+
+def patients_in(arrays: SliceArrays) -> dict[str, bool]:
+    """Patient id -> positive (any of its slices here holds scar), ids sorted; the input of
+    :func:`engine.io.splits.split_patients`."""
+    out: dict[str, bool] = {}
+    for pid, pos in zip(arrays.patient_id, arrays.positive):
+        out[pid] = out.get(pid, False) or bool(pos)
+    return dict(sorted(out.items()))
+
+
+def split_arrays(arrays: SliceArrays, splits: Mapping[str, Sequence[str]]) -> dict[str, SliceArrays]:
+    """Slices grouped by the split of their patient (``{"train": [ids], ...}``), as
+    :func:`engine.io.splits.split_records` does for records.
+
+    Raises:
+        ValueError: a patient is in several splits, or a slice's patient is in none.
+    """
+    where: dict[str, str] = {}
+    for name, ids in splits.items():
+        for pid in ids:
+            if where.setdefault(pid, name) != name:
+                raise ValueError(f"patient {pid!r} is in both the {where[pid]!r} and {name!r} splits")
+    missing = sorted({pid for pid in arrays.patient_id if pid not in where})
+    if missing:
+        raise ValueError(f"patients in no split: {missing}")
+    of = np.array([where[pid] for pid in arrays.patient_id], dtype=object)
+    return {name: select(arrays, of == name) for name in splits}
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage inputs (numpy)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions (hashlib, not ``hash()``,
+    which is salted per process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def dilate_masks(masks: np.ndarray, pixels: int) -> np.ndarray:
+    """Binary masks [..., H, W] grown by ``pixels`` (8-connected, as the edge maps are); 0 -> a copy."""
+    masks = np.asarray(masks, dtype=bool)
+    if pixels <= 0:
+        return masks.copy()
+    structure = np.ones((1,) * (masks.ndim - 2) + (3, 3), bool)
+    return ndimage.binary_dilation(masks, structure=structure, iterations=pixels)
+
+
+def _conditions(scar: np.ndarray, cfg: SliceDataConfig) -> np.ndarray:
+    """The generator's condition for scar masks [N, H, W]: edge maps, or the filled masks."""
+    if cfg.condition == "mask":
+        return scar.copy()
+    return np.stack([edge_map(m, cfg.edge_width) for m in scar]) if len(scar) else scar.copy()
+
+
+def masked_image(image, mask):
+    """The image with the inpainting region blanked: ``image * (1 - mask)``, i.e. 0 (mid grey in the
+    generator's [-1, 1] range, the diffusers inpainting convention). numpy or torch, any matching shape."""
+    return image * (1 - mask)
+
+
+def segmentation_arrays(arrays: SliceArrays) -> dict[str, np.ndarray]:
+    """Inputs of the segmentation models (reward and downstream): ``image`` float32 [N, 1, S, S] in
+    [0, 1] and ``label`` uint8 [N, S, S]."""
+    return {"image": arrays.image, "label": arrays.label}
+
+
+def inpainting_arrays(arrays: SliceArrays, cfg: SliceDataConfig | None = None) -> dict[str, Any]:
+    """Generator training inputs from the positive slices (DOMAIN.md section 4); others are left out.
+
+    Returns:
+        ``image`` float32 [P, 1, S, S] in [-1, 1]; ``scar`` uint8 [P, 1, S, S], the scar target {3, 4};
+        ``mask`` uint8 [P, 1, S, S], the inpainting region: the scar dilated by ``mask_dilation``
+        pixels. The dilation is deliberately not restricted to the myocardium: the ring it adds may
+        reach the cavity or the tissue outside the heart, and that is part of what the model must
+        fill, so it learns the scar's border with its surroundings (partial volume, grey zone)
+        instead of seeing it in the unmasked context. ``condition`` uint8 [P, 1, S, S]: the scar's
+        edge map (``edge_width``), or the filled scar when ``condition == "mask"``;
+        ``masked_image`` float32 [P, 1, S, S] (:func:`masked_image`); ``label`` uint8 [P, S, S];
+        ``caption``, ``source`` and ``level``: lists of P strings.
+
+    Raises:
+        ValueError: no positive slice.
+    """
+    cfg = cfg or SliceDataConfig()
+    pos = select(arrays, arrays.positive)
+    if len(pos) == 0:
+        raise ValueError(f"inpainting_arrays: none of the {len(arrays)} slices is positive (holds scar)")
+    scar = scar_region(pos.label)
+    mask = dilate_masks(scar, cfg.mask_dilation)
+    image = pos.image * np.float32(2.0) - np.float32(1.0)
+    return {
+        "image": image,
+        "scar": scar[:, None].astype(np.uint8),
+        "mask": mask[:, None].astype(np.uint8),
+        "condition": _conditions(scar, cfg)[:, None].astype(np.uint8),
+        "masked_image": masked_image(image, mask[:, None].astype(np.float32)),
+        "label": pos.label,
+        "caption": pos.caption,
+        "source": pos.source,
+        "level": pos.level,
+    }
+
+
+def _source_key(source: str, draw: int) -> tuple:
+    """Sort key of ``"patient/slice"`` + draw: patient, then slice number, then draw."""
+    pid, _, index = source.rpartition("/")
+    return (pid, int(index), "", draw) if index.isdigit() else (pid, -1, index, draw)
+
+
+def synthesis_candidates(
+    arrays: SliceArrays, sampler_cfg: ScarSamplerConfig | None = None, k: int = 1, seed: int = 0,
+    reference_angle: float = 120.0, cfg: SliceDataConfig | None = None,
+) -> dict[str, Any]:
+    """Inputs of the synthesis stage: ``k`` parametric scars on each negative slice (DOMAIN.md section 4).
+
+    Candidate ``draw`` of slice ``source`` has the sample id ``f"{source}#{draw}"`` and draws its scar
+    with the seed ``derive_seed(seed, source, draw)``, so it depends only on that slice, the seed and
+    the draw: never on which other slices are present or their order. Rows are sorted by patient,
+    slice number and draw.
+
+    Every requested id ends up either in the candidates or in ``skipped``: negative apex slices (no
+    AHA ring to place a scar in) and draws where no scar fits (:func:`engine.anatomy.sample_scar`
+    gives up) are listed there with the reason. Positive slices are not negatives and take no part.
+
+    Args:
+        arrays: the slices (negative ones are used).
+        sampler_cfg: the scar distribution.
+        k: candidates per negative slice (>= 1).
+        seed: the synthesis seed.
+        reference_angle: the cohort's AHA reference angle.
+        cfg: edge width, mask dilation, condition kind and caption mode (as in training).
+
+    Returns:
+        ``sample_id``, ``source``, ``patient_id``, ``level``, ``caption`` (of the resulting label):
+        lists of M strings; ``seed`` int64 [M] (also usable for the diffusion noise); ``spec``: M
+        dicts (:class:`engine.anatomy.ScarSpec` fields); ``image`` float32 [M, 1, S, S] in [-1, 1]
+        (the negative slice); ``scar`` uint8 [M, 1, S, S] (the ellipsoid mask, inside the
+        myocardium); ``label`` uint8 [M, S, S] (the slice's label with the scar applied);
+        ``condition`` and ``mask`` uint8 [M, 1, S, S] (as in :func:`inpainting_arrays`);
+        ``masked_image`` float32 [M, 1, S, S]; ``pixel_area_mm2`` float32 [M]; ``skipped``: dicts
+        ``{"sample_id", "source", "reason"}``.
+    """
+    cfg = cfg or SliceDataConfig()
+    sampler_cfg = sampler_cfg or ScarSamplerConfig()
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"synthesis_candidates: k must be an integer >= 1, got {k!r}")
+    jobs = sorted(((arrays.source[i], d, i) for i in np.flatnonzero(~arrays.positive) for d in range(int(k))),
+                  key=lambda job: _source_key(job[0], job[1]))
+    rows: list[int] = []
+    sample_ids, seeds, specs, scars, skipped = [], [], [], [], []
+    for source, draw, i in jobs:
+        sample_id = f"{source}#{draw}"
+        level = arrays.level[i]
+        if level not in SCAR_LEVELS:
+            skipped.append({"sample_id": sample_id, "source": source,
+                            "reason": f"{level} slice: scars are drawn on {', '.join(SCAR_LEVELS)} slices only"})
+            continue
+        sample_seed = derive_seed(seed, source, draw)
+        try:
+            scar, spec = sample_scar(arrays.label[i], level, np.random.default_rng(sample_seed), sampler_cfg, reference_angle)
+        except ValueError as e:
+            skipped.append({"sample_id": sample_id, "source": source, "reason": str(e)})
+            continue
+        rows.append(int(i))
+        sample_ids.append(sample_id)
+        seeds.append(sample_seed)
+        specs.append(dict(vars(spec)))
+        scars.append(scar & (arrays.label[i] == MYOCARDIUM))
+    idx = np.asarray(rows, np.int64)
+    s = arrays.crop_size
+    scar = np.stack(scars) if scars else np.zeros((0, s, s), bool)
+    label = np.stack([apply_scar(arrays.label[i], m) for i, m in zip(rows, scars)]) if rows else np.zeros((0, s, s), np.uint8)
+    mask = dilate_masks(scar, cfg.mask_dilation)
+    image = arrays.image[idx] * np.float32(2.0) - np.float32(1.0)
+    return {
+        "sample_id": sample_ids,
+        "source": [arrays.source[i] for i in rows],
+        "patient_id": [arrays.patient_id[i] for i in rows],
+        "level": [arrays.level[i] for i in rows],
+        "seed": np.asarray(seeds, np.int64),
+        "spec": specs,
+        "image": image,
+        "scar": scar[:, None].astype(np.uint8),
+        "label": label,
+        "condition": _conditions(scar, cfg)[:, None].astype(np.uint8),
+        "mask": mask[:, None].astype(np.uint8),
+        "masked_image": masked_image(image, mask[:, None].astype(np.float32)),
+        "caption": [caption(lab, arrays.level[i], reference_angle, cfg.caption_mode) for i, lab in zip(rows, label)],
+        "pixel_area_mm2": arrays.pixel_area_mm2[idx],
+        "skipped": skipped,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# downstream data
+
+
+@dataclass(eq=False)
+class DownstreamData:
+    """The downstream segmentation training set: real slices, optionally followed by synthetic ones.
+
+    Attributes:
+        image: float32 [N, 1, S, S] in [0, 1].
+        label: uint8 [N, S, S], DOMAIN labels (a synthetic sample's scar is the filter's prediction).
+        source: "patient/slice" of a real slice; the sample id (or ``"synthetic#i"``) of a synthetic one.
+        synthetic: bool [N].
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    source: list[str]
+    synthetic: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def positive(self) -> np.ndarray:
+        """bool [N]: the slice holds scar."""
+        return scar_region(self.label).any(axis=(1, 2))
+
+
+def _check_segmentation_pair(image: np.ndarray, label: np.ndarray, what: str) -> None:
+    if image.ndim != 4 or image.shape[1] != 1 or label.shape != (image.shape[0], *image.shape[2:]):
+        raise ValueError(f"{what}: expected image [N, 1, S, S] and label [N, S, S], got {image.shape} and {label.shape}")
+
+
+def mix_real_and_synthetic(real: SliceArrays, synthetic: Mapping[str, Any] | None, n_synthetic: int, seed: int = 0) -> DownstreamData:
+    """Real slices plus ``n_synthetic`` synthetic ones drawn without replacement.
+
+    Args:
+        real: the real training slices.
+        synthetic: ``image`` [M, 1, S, S] in [0, 1] and ``label`` [M, S, S] (0-4) numpy arrays;
+            optional ``sample_id`` (or ``source``) [M] to name them and ``passed`` bool [M]: when
+            present only passed samples are available (those that failed the quality filter never
+            train the downstream model).
+        n_synthetic: how many synthetic samples to add (0: real only; ``synthetic`` may be None).
+        seed: the draw depends only on the seed and the available samples.
+
+    Raises:
+        ValueError: more synthetic samples asked for than available (both numbers in the message),
+            or arrays of the wrong shape, range or crop size.
+    """
+    if isinstance(n_synthetic, bool) or not isinstance(n_synthetic, (int, np.integer)) or n_synthetic < 0:
+        raise ValueError(f"n_synthetic must be an integer >= 0, got {n_synthetic!r}")
+    real_part = DownstreamData(real.image, real.label, list(real.source), np.zeros(len(real), bool))
+    if n_synthetic == 0:
+        return real_part
+    if synthetic is None:
+        raise ValueError(f"n_synthetic = {n_synthetic} but no synthetic data was given")
+    image = np.asarray(synthetic["image"])
+    label = np.asarray(synthetic["label"])
+    _check_segmentation_pair(image, label, "synthetic data")
+    if image.shape[-1] != real.crop_size:
+        raise ValueError(f"synthetic crop size {image.shape[-1]} differs from the real one {real.crop_size}")
+    names = synthetic.get("sample_id", synthetic.get("source"))
+    names = [str(x) for x in names] if names is not None else [f"synthetic#{i}" for i in range(len(image))]
+    available = np.arange(len(image))
+    what = "synthetic samples"
+    if "passed" in synthetic:
+        available = np.flatnonzero(np.asarray(synthetic["passed"], dtype=bool))
+        what = f"synthetic samples that passed the filter (of {len(image)})"
+    if n_synthetic > len(available):
+        raise ValueError(f"asked for {n_synthetic} synthetic samples but only {len(available)} {what} are available")
+    rng = np.random.default_rng(derive_seed("mix_real_and_synthetic", seed))
+    chosen = np.sort(available[rng.choice(len(available), size=int(n_synthetic), replace=False)])
+    syn_image = image[chosen].astype(np.float32)
+    syn_label = label[chosen]
+    if syn_image.min() < 0 or syn_image.max() > 1 or not np.isfinite(syn_image).all():
+        raise ValueError(f"synthetic images must lie in [0, 1], got [{syn_image.min()}, {syn_image.max()}]")
+    if np.isin(syn_label, VALID_LABELS, invert=True).any():
+        raise ValueError(f"synthetic labels must be in {VALID_LABELS}, got {np.unique(syn_label).tolist()}")
+    return DownstreamData(
+        image=np.concatenate([real.image, syn_image]),
+        label=np.concatenate([real.label, syn_label.astype(np.uint8)]),
+        source=list(real.source) + [names[i] for i in chosen],
+        synthetic=np.concatenate([np.zeros(len(real), bool), np.ones(len(chosen), bool)]),
+    )
+
+
+def _image_label(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label) of SliceArrays, DownstreamData or a mapping with those keys."""
+    if isinstance(data, Mapping):
+        image, label = np.asarray(data["image"]), np.asarray(data["label"])
+    else:
+        image, label = np.asarray(data.image), np.asarray(data.label)
+    _check_segmentation_pair(image, label, "segmentation data")
+    return image, label
+
+
+def positive_weighted_sampler_weights(data: Any) -> np.ndarray:
+    """Per-slice weights (float64 [N], summing to 1) under which positive and negative slices are
+    drawn equally often: each positive slice gets ``0.5 / n_positive``, each negative ``0.5 / n_negative``.
+    For ``torch.utils.data.WeightedRandomSampler``; keeps a downstream model on data with few scar
+    slices from collapsing to "no scar".
+
+    Raises:
+        ValueError: no positive or no negative slice (nothing to balance).
+    """
+    _, label = _image_label(data)
+    positive = scar_region(label).any(axis=(1, 2))
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"cannot balance classes: {n_pos} positive and {n_neg} negative slices")
+    return np.where(positive, 0.5 / n_pos, 0.5 / n_neg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# transforms and datasets (torch, MONAI)
+
+
+class EdgeMap(Transform):
+    """Edge map of a channel-first binary mask [C, H, W] (or [H, W]), channel by channel
+    (:func:`engine.anatomy.edge_map`); same type (numpy or torch) and float dtype as a float input."""
+
+    backend = [torch.Tensor, np.ndarray]  # noqa: RUF012 (MONAI's convention)
+
+    def __init__(self, width: int = 1):
+        if width < 1:
+            raise ValueError(f"edge width must be >= 1 pixel, got {width}")
+        self.width = int(width)
+
+    def __call__(self, mask):
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        m = m > 0.5
+        if m.ndim == 2:
+            edges = edge_map(m, self.width)
+        elif m.ndim == 3:
+            edges = np.stack([edge_map(c, self.width) for c in m])
+        else:
+            raise ValueError(f"EdgeMap expects a mask [H, W] or [C, H, W], got shape {tuple(m.shape)}")
+        dtype = mask.dtype if (isinstance(mask, torch.Tensor) and mask.is_floating_point()) or (
+            isinstance(mask, np.ndarray) and np.issubdtype(mask.dtype, np.floating)) else None
+        return convert_to_dst_type(edges.astype(np.float32), dst=mask, dtype=dtype)[0]
+
+
+class EdgeMapd(MapTransform):
+    """Dictionary twin of :class:`EdgeMap`: the edge map of ``keys`` written to ``output_keys``
+    (default: in place). Used after a geometric transform so the condition follows the moved scar.
+
+    Args:
+        keys: the scar mask entries.
+        width: edge width in pixels.
+        output_keys: where each edge map goes, one per key; None overwrites the keys.
+    """
+
+    backend = EdgeMap.backend
+
+    def __init__(self, keys: KeysCollection, width: int = 1, output_keys: KeysCollection | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.edge = EdgeMap(width)
+        outs = self.keys if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+        if len(outs) != len(self.keys):
+            raise ValueError(f"EdgeMapd: {len(self.keys)} keys but {len(outs)} output keys")
+        self.output_keys = outs
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out in self.key_iterator(d, self.output_keys):
+            d[out] = self.edge(d[key])
+        return d
+
+
+def _augmentations(cfg: SliceDataConfig, nearest_keys: Sequence[str]) -> list:
+    """Geometric transforms of ``image`` (bilinear) and ``nearest_keys``, then intensity transforms of
+    the image only. Every parameter is drawn each time (probability 1): the ranges include zero."""
+    keys = ["image", *nearest_keys]
+    out: list = [RandAffined(
+        keys=keys, prob=1.0, rotate_range=(math.radians(cfg.rotate_degrees),),
+        scale_range=(cfg.scale_range, cfg.scale_range), mode=["bilinear"] + ["nearest"] * len(nearest_keys),
+        padding_mode="zeros",
+    )]
+    if cfg.intensity_jitter > 0:
+        out += [RandScaleIntensityd(keys="image", factors=cfg.intensity_jitter, prob=1.0),
+                RandShiftIntensityd(keys="image", offsets=cfg.intensity_jitter, prob=1.0)]
+    if cfg.noise_std > 0:
+        out.append(RandGaussianNoised(keys="image", std=cfg.noise_std, prob=1.0))
+    return out
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """Shared mechanics: a MONAI pipeline re-seeded per item from ``(seed, epoch, index)``."""
+
+    transform: Compose
+
+    def __init__(self, n: int, seed: int):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"dataset seed must be a non-negative integer, got {seed!r}")
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other augmentations in the next epoch (call before each epoch, like a DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def _transform(self, index: int, item: dict) -> dict:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} items")
+        self.transform.set_random_state(seed=derive_seed(self.seed, self.epoch, index) % 2**32)
+        return self.transform(item)
+
+
+class SegmentationDataset(_AugmentedDataset):
+    """Image/label pairs for the segmentation models (reward and downstream).
+
+    Args:
+        data: :class:`SliceArrays`, :class:`DownstreamData` or a mapping with ``image`` [N, 1, S, S] in
+            [0, 1] and ``label`` [N, S, S].
+        cfg: augmentation settings (used when ``train`` and ``cfg.augment``).
+        train: training split (augmented) or not (returned as is).
+        seed: augmentation seed; item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
+
+    Items: ``{"image": float32 [1, S, S], "label": int64 [S, S]}``. Augmentation: affine with nearest
+    interpolation for the label, intensity scale/shift and Gaussian noise on the image (left unclipped,
+    as scanner intensities are).
+    """
+
+    def __init__(self, data: Any, cfg: SliceDataConfig | None = None, train: bool = False, seed: int = 0):
+        self.image, self.label = _image_label(data)
+        super().__init__(len(self.image), seed)
+        self.cfg = cfg or SliceDataConfig()
+        augment = train and self.cfg.augment
+        self.transform = Compose([
+            *(_augmentations(self.cfg, ["label"]) if augment else []),
+            EnsureTyped(keys=["image", "label"], data_type="tensor", dtype=torch.float32, track_meta=False),
+        ])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.image[index].astype(np.float32),
+                "label": self.label[index][None].astype(np.float32)}
+        out = self._transform(index, item)
+        return {"image": out["image"], "label": out["label"][0].round().long()}
+
+
+class InpaintingDataset(_AugmentedDataset):
+    """Generator training items from positive slices (DOMAIN.md section 4).
+
+    Args:
+        data: :class:`SliceArrays` (its positive slices are used, via :func:`inpainting_arrays`) or
+            the dictionary :func:`inpainting_arrays` returns.
+        cfg: condition kind, edge width and augmentation settings.
+        train: training split (augmented) or not.
+        seed: augmentation seed; item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
+
+    Items: ``image`` [1, S, S] in [-1, 1]; ``mask``, ``condition``, ``scar`` [1, S, S] (0/1);
+    ``masked_image`` [1, S, S]; all float32; ``caption`` and ``source`` strings.
+
+    Augmentation (when ``train`` and ``cfg.augment``) runs on the image in [0, 1] (so intensity jitter
+    means the same as for segmentation), then clips it to [0, 1] and maps it to [-1, 1], the range
+    the generator produces. Image bilinear, scar and inpainting mask nearest (both sample the same
+    points, so the mask still contains the scar); the condition is then recomputed from the moved
+    scar (:class:`EdgeMapd`, or the moved filled mask itself), so it always equals
+    ``edge_map(scar)``. The caption is the unaugmented slice's: the rotation is small enough
+    (``SliceDataConfig.rotate_degrees``) to keep the segments it names.
+    """
+
+    def __init__(self, data: Any, cfg: SliceDataConfig | None = None, train: bool = False, seed: int = 0):
+        self.cfg = cfg or SliceDataConfig()
+        self.arrays = inpainting_arrays(data, self.cfg) if isinstance(data, SliceArrays) else dict(data)
+        missing = {"image", "scar", "mask", "caption"} - set(self.arrays)
+        if missing:
+            raise ValueError(f"InpaintingDataset: inpainting arrays lack {sorted(missing)}")
+        n = len(self.arrays["image"])
+        super().__init__(n, seed)
+        self.sources = list(self.arrays.get("source", [f"item#{i}" for i in range(n)]))
+        augment = train and self.cfg.augment
+        transforms: list = []
+        if augment:
+            transforms += _augmentations(self.cfg, ["scar", "mask", "condition"] if self.cfg.condition == "mask" else ["scar", "mask"])
+            if self.cfg.condition == "edges":
+                transforms.append(EdgeMapd(keys="scar", width=self.cfg.edge_width, output_keys="condition"))
+        transforms.append(EnsureTyped(keys=["image", "scar", "mask", "condition"], data_type="tensor",
+                                      dtype=torch.float32, track_meta=False))
+        self.transform = Compose(transforms)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        a = self.arrays
+        scar = np.asarray(a["scar"][index], np.float32)
+        condition = a["condition"][index] if "condition" in a else _conditions(scar > 0.5, self.cfg)
+        item = {
+            "image": (np.asarray(a["image"][index], np.float32) + 1.0) / 2.0,
+            "scar": scar,
+            "mask": np.asarray(a["mask"][index], np.float32),
+            "condition": np.asarray(condition, np.float32),
+        }
+        out = self._transform(index, item)
+        image = out["image"].clamp(0.0, 1.0) * 2.0 - 1.0
+        return {
+            "image": image,
+            "mask": out["mask"],
+            "condition": out["condition"],
+            "scar": out["scar"],
+            "masked_image": masked_image(image, out["mask"]),
+            "caption": a["caption"][index],
+            "source": self.sources[index],
+        }
+
+
+def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch dataset items: tensors stacked along a new first axis, strings (captions, sources) kept as
+    lists, numbers as a tensor. All items must have the same keys."""
+    if not batch:
+        raise ValueError("collate: empty batch")
+    keys = list(batch[0])
+    out: dict[str, Any] = {}
+    for item in batch:
+        if list(item) != keys:
+            raise ValueError(f"collate: items disagree on keys: {keys} vs {list(item)}")
+    for key in keys:
+        values = [item[key] for item in batch]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], str):
+            out[key] = list(values)
+        elif isinstance(values[0], (int, float, np.number)):
+            out[key] = torch.as_tensor(values)
+        else:
+            out[key] = list(values)
+    return out
