@@ -1,0 +1,436 @@
+"""The Ray Train harness every model's training runs through: DDP workers, checkpoints, resume.
+
+Driver side, :func:`fit` builds a ``TorchTrainer`` (Ray Train V2) from a :class:`RayTrainConfig`:
+gloo on CPU / nccl on GPU, one Ray worker per rank, ``FailureConfig(max_failures)``,
+``CheckpointConfig(num_to_keep)`` and ``RunConfig(name, storage_path)`` with the storage path
+absolute (default ``<run_dir>/ray``). Worker side, a train function uses :func:`worker_context`,
+:func:`prepare`, :func:`autocast`, :func:`restore` and :func:`report`; ``engine.training._toy`` is the
+worked example.
+
+How resuming works (Ray 2.60, Train V2; both cases are exercised by ``tests/test_distributed.py``):
+
+* Worker failure. When a worker process dies, the controller tears down the worker group and, while
+  ``max_failures`` allows, starts a new one. Each new worker's ``ray.train.get_checkpoint()`` is the
+  latest *committed* checkpoint, so :func:`restore` resumes from it. A report is committed once the
+  controller has collected it from every rank; it polls the workers every 2 s
+  (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a worker that dies within that window after a report
+  loses that checkpoint and the run resumes from the one before (still correct, only older).
+  :func:`wait_for_commit` blocks until this worker's reports are committed.
+* Driver death, or a finished run continued. Every registered checkpoint is recorded in
+  ``<storage_path>/<name>/checkpoint_manager_snapshot.json``. A new ``fit`` with the same ``name`` and
+  ``run_dir`` (hence the same storage path) loads that snapshot when its controller starts, so the
+  first attempt's ``ray.train.get_checkpoint()`` already returns the latest checkpoint: job-level
+  restoration is built into Train V2 and nothing is passed by hand (``resume_from_checkpoint`` is
+  deprecated and raises under V2). To start afresh, use a new ``name`` or delete that folder.
+
+Checkpoints themselves are :mod:`engine.training.checkpoint` directories (safetensors + json, no
+pickle), written by rank 0 only; every rank calls ``ray.train.report`` the same number of times,
+because the call is a barrier, and Ray registers a checkpoint when any rank attaches one.
+
+Example:
+    .. code-block:: python
+
+        from engine.training.distributed import RayTrainConfig, fit
+        from engine.training._toy import toy_train_fn
+
+        result = fit(toy_train_fn, {"epochs": 2}, name="toy", run_dir="runs/demo/toy",
+                     cfg=RayTrainConfig(num_workers=2, checkpoint_every_steps=4))
+        print(result.checkpoint.path, result.metrics)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from engine.training.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "RayTrainConfig",
+    "RunContext",
+    "InsufficientResourcesError",
+    "fit",
+    "storage_path_for",
+    "latest_checkpoint_path",
+    "check_cluster_resources",
+    "run_context",
+    "worker_context",
+    "prepare",
+    "autocast",
+    "restore",
+    "report",
+    "wait_for_commit",
+]
+
+logger = logging.getLogger(__name__)
+
+HARNESS_KEY = "_harness"  # the train_loop_config entry fit() adds: {"train", "run_dir", "name"}
+
+
+class InsufficientResourcesError(RuntimeError):
+    """The Ray cluster can never place the requested workers (so fit() refuses instead of hanging)."""
+
+
+@dataclass
+class RayTrainConfig:
+    """How a model trains on Ray: workers, devices, precision, failures and checkpoints.
+
+    Args:
+        num_workers: Ray Train workers (DDP ranks).
+        use_gpu: one or more GPUs per worker (``gpus_per_worker``).
+        cpus_per_worker: CPUs reserved per worker (fractional allowed).
+        gpus_per_worker: GPUs reserved per worker; only used when ``use_gpu``.
+        backend: torch.distributed backend; "auto" is nccl on GPU, gloo on CPU.
+        mixed_precision: "auto" and "bf16" autocast to bfloat16 on GPU; CPU always runs fp32.
+        max_failures: worker-group failures Ray recovers from (restarting from the latest
+            checkpoint); -1 retries forever, 0 never.
+        checkpoint_every_steps: optimizer steps between checkpoints (train functions read it).
+        keep_checkpoints: most recent checkpoints kept in storage.
+        address: Ray cluster address for ``ray.init``; empty: the connected cluster, else
+            ``RAY_ADDRESS``/a local one (``ray.init()``'s default).
+        storage_path: where Ray Train keeps checkpoints and its run snapshot; empty:
+            ``<run_dir>/ray``. Made absolute (local) or kept as a URI (``s3://...``).
+        check_resources: refuse to start when the cluster's nodes cannot hold the workers; turn off
+            on autoscaling clusters whose nodes appear on demand.
+
+    Example:
+        >>> RayTrainConfig(num_workers=2, cpus_per_worker=0.5).resolved_backend
+        'gloo'
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    max_failures: int = 2
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: int = 3
+    address: str = ""
+    storage_path: str = ""
+    check_resources: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be an int >= 1, got {self.num_workers!r}")
+        if not (isinstance(self.cpus_per_worker, (int, float)) and math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.use_gpu and not (isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker > 0):
+            raise ValueError(f"gpus_per_worker must be > 0 when use_gpu, got {self.gpus_per_worker!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("backend 'nccl' needs use_gpu=True; use 'gloo' (or 'auto') on CPU")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an int >= -1 (-1: retry forever), got {self.max_failures!r}")
+        if isinstance(self.checkpoint_every_steps, bool) or not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 1:
+            raise ValueError(f"checkpoint_every_steps must be an int >= 1, got {self.checkpoint_every_steps!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+
+    @property
+    def resolved_backend(self) -> str:
+        """The torch.distributed backend: nccl on GPU, gloo on CPU, unless set explicitly."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.use_gpu else "gloo"
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """Ray resources one worker reserves."""
+        resources = {"CPU": float(self.cpus_per_worker)}
+        if self.use_gpu:
+            resources["GPU"] = float(self.gpus_per_worker)
+        return resources
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a train function knows about its run (from the ``train_loop_config`` fit() built)."""
+
+    name: str
+    run_dir: str
+    train: RayTrainConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def storage_path_for(run_dir: str, cfg: RayTrainConfig) -> str:
+    """The absolute storage path (or URI) Ray Train uses for a run: ``cfg.storage_path`` or ``<run_dir>/ray``."""
+    path = cfg.storage_path or (run_dir.rstrip("/") + "/ray" if _is_uri(run_dir) else os.path.join(run_dir, "ray"))
+    return path if _is_uri(path) else os.path.abspath(path)
+
+
+def latest_checkpoint_path(run_dir: str, name: str, cfg: RayTrainConfig | None = None) -> str | None:
+    """The checkpoint a new ``fit(name=name, run_dir=run_dir)`` would resume from, or None.
+
+    Read through Ray's public ``Result.from_path`` from the run snapshot Train V2 restores from.
+    """
+    from ray.train import Result
+
+    experiment = storage_path_for(run_dir, cfg or RayTrainConfig()).rstrip("/") + "/" + name
+    if not _is_uri(experiment) and not os.path.exists(os.path.join(experiment, "checkpoint_manager_snapshot.json")):
+        return None
+    try:
+        checkpoint = Result.from_path(experiment).checkpoint
+    except RuntimeError:  # no experiment folder / no snapshot yet
+        return None
+    return checkpoint.path if checkpoint is not None else None
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address or None)
+
+
+def check_cluster_resources(cfg: RayTrainConfig) -> None:
+    """Raise InsufficientResourcesError unless the alive nodes can hold ``cfg.num_workers`` workers.
+
+    Each worker needs ``cfg.resources_per_worker`` on a single node, so both the cluster totals and
+    the per-node fit are checked (two 1-CPU nodes cannot hold a 1.5-CPU worker).
+    """
+    import ray
+
+    need = cfg.resources_per_worker
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = 0
+    for node in nodes:
+        have = node.get("Resources", {})
+        fits += min(math.floor(have.get(key, 0.0) / amount + 1e-9) for key, amount in need.items())
+    if fits >= cfg.num_workers:
+        return
+    total = ray.cluster_resources()
+    wanted = ", ".join(f"{key} {amount:g}" for key, amount in need.items())
+    per_node = "; ".join(
+        f"{n.get('NodeManagerAddress')}: " + ", ".join(f"{k} {n['Resources'].get(k, 0):g}" for k in need) for n in nodes
+    )
+    raise InsufficientResourcesError(
+        f"the Ray cluster cannot hold {cfg.num_workers} training workers of {{{wanted}}} each: "
+        f"only {fits} fit (cluster total: " + ", ".join(f"{k} {total.get(k, 0):g}" for k in need) + f"; nodes: {per_node or 'none alive'}). "
+        "Lower num_workers or cpus_per_worker/gpus_per_worker, add nodes, or set check_resources=False "
+        "on an autoscaling cluster."
+    )
+
+
+def fit(
+    train_fn: Callable[[dict], Any],
+    train_loop_config: Mapping[str, Any],
+    *,
+    name: str,
+    run_dir: str,
+    cfg: RayTrainConfig,
+    datasets: Mapping[str, Any] | None = None,
+):
+    """Run ``train_fn`` on ``cfg.num_workers`` Ray Train workers; resume if the run has checkpoints.
+
+    Args:
+        train_fn: ``train_fn(config)``, importable on the workers (it must live in ``engine``).
+        train_loop_config: the train function's config; fit adds ``config["_harness"]`` with the run
+            name, run_dir and ``cfg`` (read it back with :func:`run_context`).
+        name: the run's name: ``RunConfig(name)``; the same name and run_dir continue the same run.
+        run_dir: the run's folder; Ray Train storage defaults to ``<run_dir>/ray``.
+        cfg: workers, devices, failures, checkpoint retention.
+        datasets: Ray Datasets for ``ray.train.get_dataset_shard``.
+
+    Returns:
+        The ``ray.train.Result`` (``checkpoint``: the latest; ``metrics``: rank 0's metrics of the
+        latest checkpointed report; ``path``: ``<storage_path>/<name>``).
+
+    Raises:
+        InsufficientResourcesError: the cluster's nodes cannot hold the workers.
+        ray.train.TrainingFailedError: training failed more than ``cfg.max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not name or "/" in name:
+        raise ValueError(f"name must be a non-empty folder name, got {name!r}")
+    if HARNESS_KEY in train_loop_config:
+        raise ValueError(f"train_loop_config key {HARNESS_KEY!r} is reserved for the harness")
+    _connect(cfg.address)
+    if cfg.check_resources:
+        check_cluster_resources(cfg)
+    run_dir = run_dir if _is_uri(run_dir) else os.path.abspath(run_dir)
+    storage_path = storage_path_for(run_dir, cfg)
+    resume = latest_checkpoint_path(run_dir, name, cfg)
+    logger.info(
+        "training %s on %d %s worker(s) (storage %s): %s",
+        name, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", storage_path,
+        f"resuming from {resume}" if resume else "starting from scratch",
+    )
+    config = dict(train_loop_config)
+    config[HARNESS_KEY] = {"name": name, "run_dir": run_dir, "train": dataclasses.asdict(cfg)}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=cfg.resolved_backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=cfg.resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=dict(datasets) if datasets else None,
+    )
+    return trainer.fit()
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side (inside a train function)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_context(config: Mapping[str, Any]) -> RunContext:
+    """The run's name, run_dir and RayTrainConfig, from the config fit() passed to the train function."""
+    try:
+        harness = config[HARNESS_KEY]
+    except KeyError:
+        raise KeyError(f"config has no {HARNESS_KEY!r} entry: was the train function started by engine.training.distributed.fit?") from None
+    return RunContext(name=harness["name"], run_dir=harness["run_dir"], train=RayTrainConfig(**harness["train"]))
+
+
+def worker_context() -> tuple[int, int, torch.device]:
+    """(world rank, world size, device) of this worker."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Move ``model`` to this worker's device and wrap it in DDP when there is more than one worker."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def autocast(cfg: RayTrainConfig, device: torch.device | None = None) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on GPU (``mixed_precision`` "auto"/"bf16"); a no-op on CPU or with "no"."""
+    if device is None:
+        device = worker_context()[2]
+    if device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def restore(
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    schedulers: Mapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
+) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint into the given objects; the saved state, or None if there is none.
+
+    Call it on every rank after :func:`prepare` and after building the optimizers (so optimizer state
+    lands on the parameters' device). ``ray.train.get_checkpoint()`` is the latest checkpoint after a
+    worker restart and, through Ray's run snapshot, after a new fit() of the same run.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory, models=models, optimizers=optimizers, schedulers=schedulers, strict=strict)
+    if worker_context()[0] == 0:
+        _progress_logger().info("restored %s (step %s, epoch %s)", checkpoint.path, state.get("step"), state.get("epoch"))
+    return state
+
+
+def _progress_logger() -> logging.Logger:
+    """The rank-0 progress logger; Ray forwards worker stdout to the driver."""
+    progress = logging.getLogger("engine.training.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+    return progress
+
+
+def _format_progress(metrics: Mapping[str, Any], checkpoint: bool) -> str:
+    parts = []
+    for key, fmt in (("step", "step {}"), ("epoch", "epoch {}"), ("loss", "loss {:.4g}"), ("samples_per_s", "{:.1f} samples/s")):
+        if key in metrics:
+            parts.append(fmt.format(metrics[key]))
+    return " ".join(parts) + (" [checkpoint]" if checkpoint else "")
+
+
+def report(
+    metrics: Mapping[str, Any],
+    *,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    schedulers: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    checkpoint: bool,
+) -> None:
+    """Report metrics from every rank; with ``checkpoint``, rank 0 also writes and attaches a checkpoint.
+
+    Every rank must call this the same number of times (``ray.train.report`` is a barrier). Only
+    rank 0's metrics are kept by Ray, so reduce them across ranks first. The checkpoint (see
+    :func:`engine.training.checkpoint.save_checkpoint`) holds the models, optimizers, schedulers,
+    ``state`` (plus ``state["metrics"]`` = these metrics unless given) and ``config``; it is written
+    to a local temporary folder, copied to the run's storage by Ray, then removed. Rank 0 also logs a
+    one-line progress message (step, epoch, loss, samples/s).
+    """
+    import ray.train
+
+    metrics = {key: (value.item() if isinstance(value, torch.Tensor) else value) for key, value in metrics.items()}
+    rank = worker_context()[0]
+    if rank == 0:
+        _progress_logger().info(_format_progress(metrics, checkpoint))
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)  # rank 0's checkpoint dir name is broadcast to all
+        return
+    saved_state = dict(state)
+    saved_state.setdefault("metrics", metrics)
+    step = saved_state.get("step")
+    dir_name = f"checkpoint_step{step:08d}_{uuid.uuid4().hex[:6]}" if isinstance(step, int) else None
+    with tempfile.TemporaryDirectory(prefix="lgesynth-ckpt-") as tmp:
+        directory = save_checkpoint(
+            os.path.join(tmp, "checkpoint"), models=models, optimizers=optimizers, schedulers=schedulers,
+            state=saved_state, config=config,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_dir_name=dir_name)
+
+
+def wait_for_commit(timeout_s: float | None = 60.0) -> None:
+    """Block until every report this worker made is committed by the controller (checkpoint registered)."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s)

@@ -1,0 +1,121 @@
+"""Shared Ray fixtures: one real two-node Ray cluster on loopback for the whole test session.
+
+The cluster is a head on 127.0.0.2 and a worker node on 127.0.0.3 (127.0.0.1 is silently replaced
+by the machine's address, see /work/shared/ENVIRONMENT.md), one CPU each, so a two-worker Ray Train
+run spans two nodes. Each node is a ``ray start --block`` process this fixture owns, in its own
+process group; teardown stops exactly those groups (SIGTERM: ``ray start --block`` then stops the
+raylet/GCS it started; SIGKILL after a grace period) and never runs ``ray stop``, which would kill
+every Ray process of the user.
+
+Mark Ray tests with ``@pytest.mark.ray`` and a ``@pytest.mark.timeout(...)``: a failed Train run can
+keep both CPUs held, and without a timeout the next test would wait forever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+NODE_MEMORY = 2 * 1024**3  # logical memory per node; each node would otherwise claim the whole machine
+NODE_OBJECT_STORE = 200 * 1024**2
+START_TIMEOUT_S = 90
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: needs the session's real two-node Ray cluster (fixture ray_cluster)")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}; log:\n{log.read_text()[-4000:]}")
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"Ray head did not open {host}:{port} within {timeout:.0f}s; log:\n{log.read_text()[-4000:]}")
+
+
+def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [ray_cli, "start", "--block", *args,
+             "--num-cpus=1", f"--memory={NODE_MEMORY}", f"--object-store-memory={NODE_OBJECT_STORE}"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # own process group
+        )
+
+
+def _stop_node(process: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the node's process group, SIGKILL whatever is left after ``grace_s``."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node local Ray cluster; the test process is connected to it.
+
+    Yields:
+        dict with ``address`` ("127.0.0.2:<port>"), ``node_ips`` ({head, worker}) and ``temp_dir``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in the test process; the ray_cluster fixture must connect it")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are limited to 107 chars
+    port = _free_port(HEAD_IP)
+    address = f"{HEAD_IP}:{port}"
+    nodes: list[subprocess.Popen] = []
+    try:
+        head_log, worker_log = temp_dir / "head.log", temp_dir / "worker.log"
+        nodes.append(_start_node(
+            ["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            head_log,
+        ))
+        _wait_for_port(HEAD_IP, port, nodes[0], head_log, START_TIMEOUT_S)
+        nodes.append(_start_node([f"--address={address}", f"--node-ip-address={WORKER_IP}"], worker_log))
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            if nodes[1].poll() is not None:
+                raise RuntimeError(f"worker node exited with {nodes[1].returncode}; log:\n{worker_log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker node did not join within {START_TIMEOUT_S}s; log:\n{worker_log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield {"address": address, "node_ips": {HEAD_IP, WORKER_IP}, "temp_dir": str(temp_dir)}
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):
+            _stop_node(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)

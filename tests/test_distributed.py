@@ -1,0 +1,148 @@
+"""The Ray Train harness on a real two-node local cluster: DDP across nodes, checkpoints, resume.
+
+The toy run (``engine.training._toy``): 256 samples, batch 16 per worker, 2 workers -> 8 steps per
+epoch; a checkpoint every 4 steps and the 2 newest kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from engine.training._toy import toy_model, toy_regression_data, toy_train_fn
+from engine.training.checkpoint import PICKLE_SUFFIXES, load_checkpoint, read_checkpoint_state
+from engine.training.distributed import (
+    InsufficientResourcesError,
+    RayTrainConfig,
+    check_cluster_resources,
+    fit,
+    latest_checkpoint_path,
+    storage_path_for,
+)
+
+TOY = {"seed": 0, "samples": 256, "batch_size": 16, "epochs": 2}
+STEPS_PER_EPOCH = 8
+
+
+def _cfg(**overrides) -> RayTrainConfig:
+    return RayTrainConfig(**{"num_workers": 2, "checkpoint_every_steps": 4, "keep_checkpoints": 2, "max_failures": 2, **overrides})
+
+
+def _weights(checkpoint_path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    model = toy_model(seed=123)
+    state = load_checkpoint(checkpoint_path, models={"toy": model})
+    return state, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _mse(weights: dict[str, torch.Tensor]) -> float:
+    model = toy_model(seed=0)
+    model.load_state_dict(weights)
+    x, y = toy_regression_data(seed=0, samples=256)
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        [{"num_workers": 0}, "num_workers must be an int >= 1"],
+        [{"cpus_per_worker": 0}, "cpus_per_worker must be > 0"],
+        [{"backend": "nccl"}, "backend 'nccl' needs use_gpu=True"],
+        [{"backend": "mpi"}, "backend must be"],
+        [{"mixed_precision": "fp16"}, "mixed_precision must be"],
+        [{"max_failures": -2}, "max_failures must be an int >= -1"],
+        [{"checkpoint_every_steps": 0}, "checkpoint_every_steps must be an int >= 1"],
+        [{"keep_checkpoints": 0}, "keep_checkpoints must be an int >= 1"],
+    ],
+)
+def test_config_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RayTrainConfig(**kwargs)
+
+
+def test_config_resolves_backend_resources_and_storage(tmp_path, monkeypatch):
+    assert RayTrainConfig().resolved_backend == "gloo"
+    assert RayTrainConfig(use_gpu=True).resolved_backend == "nccl"
+    assert RayTrainConfig(cpus_per_worker=0.5).resources_per_worker == {"CPU": 0.5}
+    assert RayTrainConfig(use_gpu=True, gpus_per_worker=0.5).resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    monkeypatch.chdir(tmp_path)
+    assert storage_path_for("runs/a", RayTrainConfig()) == str(tmp_path / "runs" / "a" / "ray")
+    assert storage_path_for("s3://bucket/run", RayTrainConfig()) == "s3://bucket/run/ray"
+    assert storage_path_for("runs/a", RayTrainConfig(storage_path="elsewhere")) == str(tmp_path / "elsewhere")
+    assert latest_checkpoint_path(str(tmp_path / "runs" / "a"), "toy") is None
+
+
+@pytest.fixture(scope="module")
+def completed_run(ray_cluster, tmp_path_factory):
+    """A finished two-epoch toy run: (run_dir, result, final weights, seconds)."""
+    run_dir = str(tmp_path_factory.mktemp("toy-run"))
+    started = time.perf_counter()
+    result = fit(toy_train_fn, TOY, name="toy", run_dir=run_dir, cfg=_cfg())
+    seconds = time.perf_counter() - started
+    _, weights = _weights(result.checkpoint.path)
+    print(f"\n[timing] toy fit, 2 workers x 2 epochs: {seconds:.1f} s")
+    return run_dir, result, weights
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_fit_refuses_workers_the_cluster_cannot_hold(ray_cluster, tmp_path):
+    with pytest.raises(InsufficientResourcesError, match="cannot hold 3 training workers .* only 2 fit"):
+        fit(toy_train_fn, TOY, name="too-many", run_dir=str(tmp_path), cfg=_cfg(num_workers=3))
+    with pytest.raises(InsufficientResourcesError, match="only 0 fit"):  # 2 nodes x 1 CPU: no node holds 1.5
+        check_cluster_resources(_cfg(num_workers=1, cpus_per_worker=1.5))
+    assert not os.path.exists(tmp_path / "ray")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_two_workers_on_two_nodes_write_safetensors_checkpoints(completed_run, ray_cluster):
+    run_dir, result, weights = completed_run
+    assert result.metrics["step"] == 2 * STEPS_PER_EPOCH
+    assert sorted(result.metrics["node_ips"].split(",")) == sorted(ray_cluster["node_ips"])  # ranks on both nodes
+    assert result.path == os.path.join(run_dir, "ray", "toy")
+    assert latest_checkpoint_path(run_dir, "toy") == result.checkpoint.path
+
+    checkpoints = sorted(d for d in os.listdir(result.path) if d.startswith("checkpoint_step"))
+    assert [d.split("_")[1] for d in checkpoints] == ["step00000012", "step00000016"]  # keep_checkpoints=2
+    for directory in checkpoints:
+        files = os.listdir(os.path.join(result.path, directory))
+        assert files and all(f.endswith((".safetensors", ".json")) for f in files), files
+    for _, _, files in os.walk(run_dir):
+        assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+
+    state = read_checkpoint_state(result.checkpoint.path)
+    assert state["step"] == 16 and state["start_steps"] == [0]
+    assert _mse(weights) < 0.5 * _mse(toy_model(seed=0).state_dict())  # it really trained
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_worker_death_resumes_from_the_latest_checkpoint(completed_run, tmp_path):
+    _, _, uninterrupted = completed_run
+    started = time.perf_counter()
+    result = fit(toy_train_fn, {**TOY, "crash_at_step": 6, "crash_rank": 1}, name="toy-crash", run_dir=str(tmp_path), cfg=_cfg())
+    print(f"\n[timing] toy fit with rank 1 killed at step 6 and restarted: {time.perf_counter() - started:.1f} s")
+    assert (tmp_path / "toy-crash.crashed").exists()  # the worker did die
+    state, weights = _weights(result.checkpoint.path)
+    assert state["step"] == 16
+    assert state["start_steps"] == [0, 4]  # the restarted attempt began at the step-4 checkpoint, not 0
+    for key in uninterrupted:  # and ended exactly where the uninterrupted run did
+        torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_fit_again_with_more_epochs_continues_the_finished_run(completed_run):
+    run_dir, first, _ = completed_run
+    started = time.perf_counter()
+    result = fit(toy_train_fn, {**TOY, "epochs": 3}, name="toy", run_dir=run_dir, cfg=_cfg())
+    print(f"\n[timing] second toy fit, one more epoch: {time.perf_counter() - started:.1f} s")
+    assert result.metrics["step"] == 3 * STEPS_PER_EPOCH
+    assert result.metrics["start_step"] == 2 * STEPS_PER_EPOCH  # continued, not restarted
+    state = read_checkpoint_state(result.checkpoint.path)
+    assert state["start_steps"] == [0, 16]
+    assert result.path == first.path
