@@ -7,6 +7,9 @@ epoch; a checkpoint every 4 steps and the 2 newest kept.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -146,3 +149,49 @@ def test_fit_again_with_more_epochs_continues_the_finished_run(completed_run):
     state = read_checkpoint_state(result.checkpoint.path)
     assert state["start_steps"] == [0, 16]
     assert result.path == first.path
+
+
+_DRIVER = """
+import sys, ray
+from engine.training._toy import toy_train_fn
+from engine.training.distributed import RayTrainConfig, fit
+ray.init(address=sys.argv[1], logging_level="WARNING")
+fit(toy_train_fn, {**eval(sys.argv[2])}, name="toy-driver", run_dir=sys.argv[3],
+    cfg=RayTrainConfig(num_workers=2, checkpoint_every_steps=4, keep_checkpoints=2))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path):
+    import ray
+
+    _, _, uninterrupted = completed_run
+    run_dir = str(tmp_path)
+    started = time.perf_counter()
+    slow = {**TOY, "step_seconds": 0.2}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(slow), run_dir],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        seen = None
+        while seen is None or read_checkpoint_state(seen)["step"] < 4:
+            assert driver.poll() is None, f"driver exited early with {driver.returncode}"
+            assert time.perf_counter() - started < 120, "no checkpoint within 120 s"
+            time.sleep(0.2)
+            seen = latest_checkpoint_path(run_dir, "toy-driver")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
+        driver.wait()
+    killed_at = read_checkpoint_state(seen)["step"]
+    while ray.available_resources().get("CPU", 0) < 2:  # Ray reclaims the dead job's workers
+        assert time.perf_counter() - started < 180, "the dead driver's workers still hold the CPUs"
+        time.sleep(0.5)
+
+    result = fit(toy_train_fn, TOY, name="toy-driver", run_dir=run_dir, cfg=_cfg())
+    print(f"\n[timing] driver killed at step >= {killed_at}, then fit again: {time.perf_counter() - started:.1f} s")
+    state, weights = _weights(result.checkpoint.path)
+    assert state["step"] == 16
+    assert len(state["start_steps"]) == 2 and state["start_steps"][0] == 0
+    assert killed_at <= state["start_steps"][1] < 16  # continued from the dead driver's last checkpoint
+    for key in uninterrupted:
+        torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
