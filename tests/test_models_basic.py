@@ -25,8 +25,14 @@ TINY_DOWNSTREAM = {"init_features": 8, "growth_rate": 4, "block_config": (2, 2, 
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seeded_single_thread():
+    # One intra-op thread: on two shared cores, two OpenMP threads that wait on each other while other
+    # processes hold a core made a 20-step loop 40x slower (28 s instead of 0.7 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _labels(batch: int, size: int) -> torch.Tensor:
@@ -284,12 +290,14 @@ def _ring_dataset(n: int, size: int, generator: torch.Generator) -> tuple[torch.
 def test_reward_model_learns_scar_on_synthetic_rings():
     generator = torch.Generator().manual_seed(0)
     images, labels = _ring_dataset(16, 64, generator)
-    config = RewardModelConfig(**TINY_REWARD)
+    # Batch norm learns this toy set fastest (scar Dice 0.71-0.95 after 60 steps over six seeds;
+    # instance norm 0.5-0.8 over four), so the check has a wide margin.
+    config = RewardModelConfig(**TINY_REWARD, norm="batch")
     model = build_reward_model(config)
     loss_fn = reward_loss_fn(config)
     targets = targets_from_label(labels, config.outputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(60):
         optimizer.zero_grad()
         loss = loss_fn(model(images), targets)
         loss.backward()
@@ -297,4 +305,4 @@ def test_reward_model_learns_scar_on_synthetic_rings():
     _, mask = predict_scar(model.eval(), images)
     truth = targets[:, :1].bool()
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
-    assert dice > 0.5, f"scar Dice after 40 steps: {dice:.3f}"
+    assert dice > 0.5, f"scar Dice after 60 steps: {dice:.3f}"

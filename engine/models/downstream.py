@@ -29,9 +29,10 @@ myocardium region (labels 2, 3, 4), the targets of :func:`engine.models.reward.t
 Example:
     .. code-block:: python
 
-        model = build_downstream_model(DownstreamModelConfig())        # DenseNet121 encoder
+        config = DownstreamModelConfig()                                   # DenseNet121 encoder
+        model = build_downstream_model(config)
         loss = downstream_loss_fn(config)(model(images), targets_from_label(labels))
-        prediction = predict(model.eval(), images)                       # scar, myocardium masks
+        prediction = predict(model.eval(), images)                         # scar, myocardium masks
 """
 
 from __future__ import annotations
