@@ -93,6 +93,29 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGES = ("reward", "vae", "generator", "downstream")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.config import load_config
+    from engine.settings import EngineConfig
+
+    cfg = load_config(EngineConfig, args.config, args.overrides)
+    if args.stage == "reward":
+        from engine.training.reward import train_reward as train
+    elif args.stage == "vae":
+        from engine.training.vae import train_vae as train
+    elif args.stage == "generator":
+        from engine.training.generator import train_generator as train
+    else:
+        from engine.training.downstream import train_downstream as train
+    metrics = train(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -128,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apex-first", action="store_true", help="the slice axis runs apex to base")
     p.set_defaults(handler=_preview)
 
+    p = sub.add_parser("train", help="train a model of the method on Ray Train (resumes a run that has checkpoints)",
+                       description="Train one model on Ray Train. Checkpoints go to <run_dir>/ray/<stage>; a re-run "
+                                   "continues from the latest one; the final model is exported to <run_dir>/<stage>/.")
+    p.add_argument("stage", choices=STAGES, help="which model")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. reward.loop.epochs=3")
+    p.set_defaults(handler=_train)
+
     p = sub.add_parser("config", help="print a run config after overrides and validation",
                        description="Load a YAML run config, apply key=value overrides, validate and print it.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
@@ -152,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (ConfigError, CohortError, UsageError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad input reported by a stage (missing artifacts, mismatched split)
+        if args.command != "train":
+            raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,11 @@ from engine.anatomy.masks import ScarSamplerConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
 from engine.phantom.config import PhantomConfig
+from engine.training.data import SliceDataConfig
+from engine.training.downstream import DownstreamStageConfig
+from engine.training.generator import GeneratorStageConfig
+from engine.training.reward import RewardStageConfig
+from engine.training.vae import VAEStageConfig
 
 
 @dataclass
@@ -25,6 +30,11 @@ class EngineConfig:
         split: patient-level train/val/test split.
         phantom: the embedded phantom cohort (used when the run makes its own cohort).
         scar_sampler: distribution of parametric scars drawn on negative slices.
+        data: LV-centred crops, intensity normalization, conditions and augmentation.
+        reward: the reward model stage (model, training loop, Ray resources).
+        vae: the VAE stage (or a pretrained VAE folder).
+        generator: the LGESynthNet stage (base inpainting UNet, then ControlNet with reward loss).
+        downstream: the downstream segmenter stage (real only, or real + synthetic).
 
     Example:
         >>> from engine.config import load_config
@@ -37,6 +47,11 @@ class EngineConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     scar_sampler: ScarSamplerConfig = field(default_factory=ScarSamplerConfig)
+    data: SliceDataConfig = field(default_factory=SliceDataConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    generator: GeneratorStageConfig = field(default_factory=GeneratorStageConfig)
+    downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,13 @@ from pathlib import Path
 import pytest
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+# The session's own Ray auth token, set before anything imports ray (Ray's token loader caches what
+# it first finds, e.g. a stale ~/.ray/auth_token left by an earlier local ray.init()).
+# The nodes, this process and the workers share it through the environment, so token auth is on
+# and consistent whatever the machine's home folder holds.
+TEST_TOKEN = secrets.token_hex(32)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TEST_TOKEN)
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 NODE_MEMORY = 2 * 1024**3  # logical memory per node; each node would otherwise claim the whole machine
 NODE_OBJECT_STORE = 200 * 1024**2
 START_TIMEOUT_S = 90
@@ -119,3 +127,4 @@ def ray_cluster():
         ray.shutdown()
         _stop_nodes(nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
+

@@ -60,6 +60,7 @@ __all__ = [
     "RayTrainConfig",
     "RunContext",
     "InsufficientResourcesError",
+    "connect",
     "fit",
     "storage_path_for",
     "latest_checkpoint_path",
@@ -199,12 +200,22 @@ def latest_checkpoint_path(run_dir: str, name: str, cfg: RayTrainConfig | None =
     return checkpoint.path if checkpoint is not None else None
 
 
-def _connect(address: str) -> None:
+LOCAL_NODE_IP = "127.0.0.2"  # loopback: 127.0.0.1 is silently replaced by the machine's address
+
+
+def connect(address: str = "") -> None:
+    """Connect this process to Ray: the given address, else ``RAY_ADDRESS`` (set for ``ray job submit``
+    jobs), else a new single-node local instance bound to loopback only (nothing listens on a
+    non-loopback address unless the user asks for it)."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=address or None)
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def check_cluster_resources(cfg: RayTrainConfig) -> None:
@@ -271,7 +282,7 @@ def fit(
         raise ValueError(f"name must be a non-empty folder name, got {name!r}")
     if HARNESS_KEY in train_loop_config:
         raise ValueError(f"train_loop_config key {HARNESS_KEY!r} is reserved for the harness")
-    _connect(cfg.address)
+    connect(cfg.address)
     if cfg.check_resources:
         check_cluster_resources(cfg)
     run_dir = run_dir if _is_uri(run_dir) else os.path.abspath(run_dir)

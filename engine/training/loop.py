@@ -1,0 +1,174 @@
+"""The epoch loop every model trains with, inside a Ray Train worker.
+
+One loop for the reward model, the VAE, the generator and the downstream model; each stage supplies
+its dataset, a ``step_fn(batch) -> {"loss": tensor, ...}`` and a ``validate_fn() -> metrics``. The
+loop owns what they share: per-rank deterministic sampling (``DistributedSampler`` or class-balanced
+weighted draws), AdamW, gradient clipping, bf16 autocast on GPU, cross-rank averaging of losses, a
+checkpoint every ``checkpoint_every_steps`` steps and at every epoch end, and resuming mid-epoch
+from the latest checkpoint (the batches already seen in that epoch are skipped, not repeated).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.training.distributed import RunContext, autocast, report, restore, worker_context
+
+
+@dataclass
+class TrainLoopConfig:
+    """How one model trains.
+
+    Args:
+        epochs: passes over the training set.
+        batch_size: samples per worker and step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (0 disables clipping).
+        seed: sampling and initialisation seed.
+        max_steps: stop after this many optimizer steps in total (0: no limit).
+        balanced: draw positive and negative slices equally often (segmentation stages).
+
+    Example:
+        >>> TrainLoopConfig(epochs=5, batch_size=16, lr=3e-4)
+        TrainLoopConfig(epochs=5, batch_size=16, lr=0.0003, weight_decay=0.0001, grad_clip=1.0, seed=0, max_steps=0, balanced=False)
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_steps: int = 0
+    balanced: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.max_steps < 0:
+            raise ValueError("weight_decay, grad_clip and max_steps must be >= 0")
+
+
+def epoch_indices(n: int, epoch: int, rank: int, world: int, seed: int, weights: np.ndarray | None) -> list[int]:
+    """This rank's sample order for an epoch; every rank gets ``ceil(n / world)`` indices.
+
+    Without weights: a seeded permutation split across ranks (``DistributedSampler`` semantics,
+    padding by wrapping). With weights: ``ceil(n / world)`` draws with replacement, seeded per
+    (seed, epoch, rank).
+    """
+    per_rank = math.ceil(n / world)
+    if weights is None:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        order = np.concatenate([order, order[: per_rank * world - n]])
+        return order[rank::world].tolist()
+    p = np.asarray(weights, dtype=np.float64)
+    return np.random.default_rng([seed, epoch, rank]).choice(n, size=per_rank, replace=True, p=p / p.sum()).tolist()
+
+
+def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def train_epochs(
+    *,
+    ctx: RunContext,
+    loop: TrainLoopConfig,
+    models: Mapping[str, nn.Module],
+    parameters: Sequence[nn.Parameter],
+    dataset: torch.utils.data.Dataset,
+    step_fn: Callable[[Any], Mapping[str, torch.Tensor]],
+    validate_fn: Callable[[], dict[str, float]] | None = None,
+    collate_fn: Callable | None = None,
+    sample_weights: np.ndarray | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``parameters`` by ``step_fn`` over ``dataset``; checkpoint ``models``; resume if possible.
+
+    Args:
+        ctx: the run context (:func:`engine.training.distributed.run_context`).
+        loop: epochs, batch size, optimizer settings.
+        models: what a checkpoint holds, by name (prepared/DDP-wrapped modules are fine).
+        parameters: the parameters the optimizer updates (frozen parts are left out).
+        dataset: map-style dataset; ``dataset.set_epoch(e)`` is called when it exists.
+        step_fn: ``batch -> {"loss": scalar tensor, other scalars...}`` (forward only).
+        validate_fn: called on rank 0 at every epoch end; its metrics are reported with ``val_`` keys as given.
+        collate_fn: DataLoader collate function.
+        sample_weights: per-sample draw weights (class balance); None for plain shuffling.
+        config: json config stored in every checkpoint.
+
+    Returns:
+        The last reported metrics (rank 0's validation metrics included).
+    """
+    rank, world, device = worker_context()
+    optimizer = torch.optim.AdamW(list(parameters), lr=loop.lr, weight_decay=loop.weight_decay)
+    state = restore(models, {"optimizer": optimizer}) or {}
+    step = int(state.get("step", 0))
+    epoch = int(state.get("epoch", 0))
+    skip = int(state.get("batch_in_epoch", 0))
+    every = ctx.train.checkpoint_every_steps
+    metrics: dict[str, Any] = dict(state.get("metrics", {}))
+    stop = loop.max_steps and step >= loop.max_steps
+
+    def checkpoint(values: dict[str, Any], batch_in_epoch: int, epoch_now: int) -> None:
+        report(values, models=models, optimizers={"optimizer": optimizer}, config=config, checkpoint=True,
+               state={"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "metrics": values})
+
+    while epoch < loop.epochs and not stop:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        indices = epoch_indices(len(dataset), epoch, rank, world, loop.seed, sample_weights)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=loop.batch_size, sampler=indices[skip * loop.batch_size:], collate_fn=collate_fn
+        )
+        for model in models.values():
+            model.train()
+        sums: dict[str, float] = {}
+        seen, started = 0, time.perf_counter()
+        batch_in_epoch = skip
+        for batch in loader:
+            with autocast(ctx.train, device):
+                losses = step_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if loop.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(parameters), loop.grad_clip)
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            seen += len(next(iter(batch.values()))) if isinstance(batch, Mapping) else loop.batch_size
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
+            stop = bool(loop.max_steps and step >= loop.max_steps)
+            if step % every == 0 and not stop:
+                values = _mean_across_ranks({k: v / batch_in_epoch for k, v in sums.items()}, world)
+                checkpoint({**values, "step": step, "epoch": epoch}, batch_in_epoch, epoch)
+            if stop:
+                break
+        skip = 0
+        n_batches = max(batch_in_epoch, 1)
+        metrics = _mean_across_ranks({k: v / n_batches for k, v in sums.items()}, world)
+        metrics["samples_per_s"] = seen * world / max(time.perf_counter() - started, 1e-9)
+        epoch += 1
+        metrics.update(step=step, epoch=epoch)
+        if validate_fn is not None and rank == 0:
+            for model in models.values():
+                model.eval()
+            metrics.update(validate_fn())
+        checkpoint(metrics, 0, epoch)
+    return metrics

@@ -1,0 +1,97 @@
+"""Stage: train the scar-segmentation reward model on real slices (DOMAIN.md section 4).
+
+Trained on the train patients' positive and negative slices, validated on the val patients'
+slices (scar Dice on positives, Dice-TP, pass rate at the filter threshold); exported to
+``<run_dir>/reward/reward.safetensors`` + ``reward.json``, where the generator stage (reward loss)
+and the synthesis filter read it, frozen. Its input range is [-1, 1], the generator's output range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.models.reward import RewardModelConfig
+from engine.training.distributed import RayTrainConfig
+from engine.training.loop import TrainLoopConfig
+
+STAGE = "reward"
+INPUT_RANGE = "-1,1"
+
+
+@dataclass
+class RewardStageConfig:
+    """Args:
+        model: the reward network.
+        loop: epochs, batch size, optimizer.
+        ray: workers and resources.
+        pass_threshold: Dice above which a sample passes the quality filter (paper: 0.6).
+    """
+
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    loop: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20, batch_size=16, lr=1e-3, balanced=True))
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
+    pass_threshold: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pass_threshold < 1.0:
+            raise ValueError(f"pass_threshold must be in [0, 1), got {self.pass_threshold}")
+
+
+def reward_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: builds the model and datasets from the object store, trains, exports."""
+    import ray
+    import torch
+
+    from engine.config import from_dict
+    from engine.models.reward import build_reward_model, reward_loss_fn, targets_from_label
+    from engine.training.checkpoint import export_model
+    from engine.training.data import SegmentationDataset, SliceDataConfig, collate, positive_weighted_sampler_weights
+    from engine.training.distributed import prepare, run_context, worker_context
+    from engine.training.loop import train_epochs
+    from engine.training.segmentation import scar_validation, segmentation_step
+
+    ctx = run_context(config)
+    stage = from_dict(RewardStageConfig, config["stage"])
+    data_cfg = from_dict(SliceDataConfig, config["data"])
+    train, val = ray.get(config["train"]), ray.get(config["val"])
+    rank, _, device = worker_context()
+    torch.manual_seed(stage.loop.seed)
+    net = build_reward_model(stage.model)
+    model = prepare(net)
+    loss_fn = reward_loss_fn(stage.model)
+    dataset = SegmentationDataset(train, data_cfg, train=True, seed=stage.loop.seed)
+    weights = positive_weighted_sampler_weights(train) if stage.loop.balanced else None
+    targets = lambda label: targets_from_label(label, stage.model.outputs)  # noqa: E731
+    train_epochs(
+        ctx=ctx, loop=stage.loop, models={"reward": model}, parameters=list(model.parameters()), dataset=dataset,
+        step_fn=segmentation_step(model, loss_fn, targets, INPUT_RANGE, device),
+        validate_fn=lambda: scar_validation(net, val.image, val.label, INPUT_RANGE, device, stage.pass_threshold),
+        collate_fn=collate, sample_weights=weights, config={"stage": config["stage"], "data": config["data"]},
+    )
+    if rank == 0:
+        export_model(Path(ctx.run_dir) / STAGE, STAGE, net, {
+            "model": stage.model.to_dict(), "input_range": INPUT_RANGE, "pass_threshold": stage.pass_threshold,
+            "crop_size": data_cfg.crop_size,
+        })
+
+
+def train_reward(cfg) -> dict[str, Any]:
+    """Driver: prepare the cohort arrays, run :func:`reward_worker` on Ray Train, return the final metrics."""
+    import ray
+
+    from engine.config import to_dict
+    from engine.training.distributed import connect, fit
+    from engine.training.prepare import prepare_arrays
+
+    parts, _ = prepare_arrays(cfg)
+    stage: RewardStageConfig = cfg.reward
+    connect(stage.ray.address)
+    loop_config = {
+        "stage": to_dict(stage), "data": to_dict(cfg.data),
+        "train": ray.put(parts["train"]), "val": ray.put(parts["val"]),
+    }
+    result = fit(reward_worker, loop_config, name=STAGE, run_dir=cfg.run_dir, cfg=stage.ray)
+    return dict(result.metrics or {})

@@ -1,0 +1,55 @@
+"""What the two segmentation stages (reward model, downstream model) share: the training step on
+(image, label) batches and validation of scar Dice, Dice-TP and the pass rate on real slices."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.evaluation.metrics import dice_per_sample, dice_tp, pass_rate
+
+
+def to_model_range(image: torch.Tensor, input_range: str) -> torch.Tensor:
+    """Images in [0, 1] (the data layer's range) to the model's input range ("0,1" or "-1,1")."""
+    return image * 2.0 - 1.0 if input_range == "-1,1" else image
+
+
+def segmentation_step(model: nn.Module, loss_fn: nn.Module, targets_fn: Callable, input_range: str, device) -> Callable:
+    """``step_fn(batch)`` for :func:`engine.training.loop.train_epochs`: loss of logits vs targets."""
+
+    def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = to_model_range(batch["image"].to(device), input_range)
+        label = batch["label"].to(device)
+        loss = loss_fn(model(image).float(), targets_fn(label))
+        return {"loss": loss}
+
+    return step
+
+
+@torch.no_grad()
+def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, input_range: str, device,
+                    threshold: float = 0.6, batch_size: int = 32) -> dict[str, float]:
+    """Scar metrics of a segmentation model on real slices (numpy ``image [N,1,S,S]`` in [0, 1],
+    ``label [N,S,S]``): mean Dice over positive slices, Dice-TP, the pass rate at ``threshold`` on
+    positives (the paper's reference: real positives pass at 35.6%), and the share of negative slices
+    with any predicted scar (false-positive slices)."""
+    model.eval()
+    preds = []
+    for start in range(0, len(image), batch_size):
+        x = to_model_range(torch.as_tensor(image[start:start + batch_size], device=device), input_range)
+        preds.append((torch.sigmoid(model(x)[:, :1].float()) > 0.5)[:, 0].cpu().numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(label.shape, bool)
+    truth = label >= 3
+    positive = truth.reshape(len(truth), -1).any(1)
+    out: dict[str, float] = {"val_slices": float(len(label)), "val_positive_slices": float(positive.sum())}
+    if positive.any():
+        dice = dice_per_sample(pred[positive], truth[positive])
+        out["val_scar_dice"] = float(dice.mean())
+        out["val_scar_dice_tp"] = float(dice_tp(pred[positive], truth[positive]))
+        out["val_pass_rate"] = float(pass_rate(dice, threshold))
+    if (~positive).any():
+        out["val_negative_fp_rate"] = float(pred[~positive].reshape((~positive).sum(), -1).any(1).mean())
+    return out
