@@ -161,3 +161,12 @@ def test_phantom_refuses_a_folder_holding_other_cases(tmp_path):
     assert result.returncode == 2
     assert "did not make" in result.stderr and "Case_P001" in result.stderr
     assert (tmp_path / "c" / "Case_P001").is_dir()  # nothing of the user's was deleted
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("train_*.py")), ids=lambda p: p.name)
+def test_job_entrypoints_parse_and_validate(job):
+    result = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--config" in result.stdout
+    result = subprocess.run([sys.executable, str(job), "--config", str(REPO / "configs" / "demo.yaml"), "reward.loop.epocs=3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "reward.loop.epocs" in result.stderr
