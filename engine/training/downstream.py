@@ -76,24 +76,18 @@ def patient_detection_metrics(model, arrays, device, min_pixels: float, batch_si
 
 def downstream_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of the downstream stage."""
-    import ray
-    import torch
-
-    from engine.config import from_dict
     from engine.models.downstream import build_downstream_model, downstream_loss_fn
     from engine.models.reward import targets_from_label
     from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, SliceDataConfig, collate, positive_weighted_sampler_weights
-    from engine.training.distributed import prepare, run_context, worker_context
+    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
+    from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
+    from engine.training.runner import worker_setup
     from engine.training.segmentation import scar_validation, segmentation_step
 
-    ctx = run_context(config)
-    stage = from_dict(DownstreamStageConfig, config["stage"])
-    data_cfg = from_dict(SliceDataConfig, config["data"])
-    train, val = ray.get(config["train"]), ray.get(config["val"])
-    rank, _, device = worker_context()
-    torch.manual_seed(stage.loop.seed)
+    setup = worker_setup(config, DownstreamStageConfig)
+    ctx, stage, data_cfg, rank, device = setup.ctx, setup.stage, setup.data, setup.rank, setup.device
+    train, val = setup.arrays["train"], setup.arrays["val"]
     net = build_downstream_model(stage.model)
     model = prepare(net)
     loss_fn = downstream_loss_fn(stage.model)
@@ -121,23 +115,15 @@ def downstream_worker(config: dict[str, Any]) -> None:
 
 def train_downstream(cfg) -> dict[str, Any]:
     """Driver: real train slices (+ synthetic), Ray Train, final metrics."""
-    import ray
-
-    from engine.config import to_dict
     from engine.synthesis.store import read_synthetic_arrays
     from engine.training.data import mix_real_and_synthetic
-    from engine.training.distributed import connect, fit
     from engine.training.prepare import prepare_arrays
+    from engine.training.runner import launch
 
     parts, _ = prepare_arrays(cfg)
     stage: DownstreamStageConfig = cfg.downstream
     synthetic = read_synthetic_arrays(stage.synthetic) if stage.n_synthetic else None
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
-    connect(stage.ray.address)
-    loop_config = {
-        "stage": to_dict(stage), "data": to_dict(cfg.data),
-        "train": ray.put(train), "val": ray.put(parts["val"]),
-        "synthetic_sources": [s for s, syn in zip(train.source, np.asarray(train.synthetic)) if syn],
-    }
-    result = fit(downstream_worker, loop_config, name=stage.name, run_dir=cfg.run_dir, cfg=stage.ray)
-    return dict(result.metrics or {})
+    sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic)) if syn]
+    return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
+                  extra={"synthetic_sources": sources})

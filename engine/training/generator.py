@@ -127,23 +127,22 @@ def _take(items: dict[str, Any], n: int) -> dict[str, Any]:
 
 def generator_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of one generator phase (``config["phase"]``)."""
-    import ray
     import torch
 
     from engine.config import from_dict
     from engine.training.checkpoint import export_model
-    from engine.training.data import InpaintingDataset, SliceDataConfig, collate
-    from engine.training.distributed import prepare, run_context, worker_context
+    from engine.training.data import InpaintingDataset, collate
+    from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
+    from engine.training.runner import worker_setup
 
-    ctx = run_context(config)
-    stage = from_dict(GeneratorStageConfig, config["stage"])
-    data_cfg = _generator_data_cfg(from_dict(SliceDataConfig, config["data"]), stage.model)
     phase = config["phase"]
-    items, val_pos, val_neg = (ray.get(config[k]) for k in ("train", "val_positive", "val_negative"))
-    rank, _, device = worker_context()
+    stage = from_dict(GeneratorStageConfig, config["stage"])
     loop = stage.base if phase == "base" else stage.controlnet
-    torch.manual_seed(loop.seed)
+    setup = worker_setup(config, GeneratorStageConfig, seed=loop.seed)
+    ctx, rank, device = setup.ctx, setup.rank, setup.device
+    data_cfg = _generator_data_cfg(setup.data, stage.model)
+    items, val_pos, val_neg = (setup.arrays[k] for k in ("train", "val_positive", "val_negative"))
     model_cfg = dataclasses.replace(stage.model, train_base=True) if phase == "base" else stage.model
     out_dir = Path(ctx.run_dir) / STAGE
     net = build_generator(model_cfg, config["vae_folder"], out_dir if phase == "controlnet" else None)
@@ -194,12 +193,9 @@ def generator_worker(config: dict[str, Any]) -> None:
 
 def train_generator(cfg) -> dict[str, Any]:
     """Driver: both phases in turn (a phase with ``epochs: 0`` is skipped); final metrics of the last."""
-    import ray
-
-    from engine.config import to_dict
     from engine.training.data import inpainting_arrays, select, synthesis_candidates
-    from engine.training.distributed import connect, fit
     from engine.training.prepare import prepare_arrays
+    from engine.training.runner import launch
 
     stage: GeneratorStageConfig = cfg.generator
     vae_folder = cfg.vae.folder(cfg.run_dir)
@@ -215,8 +211,6 @@ def train_generator(cfg) -> dict[str, Any]:
     val_neg = select(parts["val"], ~parts["val"].positive)
     val_negative = synthesis_candidates(val_neg, cfg.scar_sampler, k=1, seed=stage.controlnet.seed,
                                         reference_angle=angle, cfg=data_cfg) if len(val_neg) else None
-    connect(stage.ray.address)
-    refs = {"val_positive": ray.put(val_positive), "val_negative": ray.put(val_negative)}
     metrics: dict[str, Any] = {}
     for phase in PHASES:
         loop = stage.base if phase == "base" else stage.controlnet
@@ -228,8 +222,7 @@ def train_generator(cfg) -> dict[str, Any]:
             if len(negatives):
                 train_items = _concat_inpainting(
                     [positives, negative_inpainting_arrays(negatives, cfg.scar_sampler, data_cfg, loop.seed, angle)])
-        loop_config = {"stage": to_dict(stage), "data": to_dict(cfg.data), "phase": phase, "vae_folder": str(vae_folder),
-                       "train": ray.put(train_items), **refs}
-        result = fit(generator_worker, loop_config, name=f"{STAGE}-{phase}", run_dir=cfg.run_dir, cfg=stage.ray)
-        metrics = dict(result.metrics or {})
+        metrics = launch(cfg, stage, generator_worker, name=f"{STAGE}-{phase}",
+                         arrays={"train": train_items, "val_positive": val_positive, "val_negative": val_negative},
+                         extra={"phase": phase, "vae_folder": str(vae_folder)})
     return metrics

@@ -8,7 +8,6 @@ and the synthesis filter read it, frozen. Its input range is [-1, 1], the genera
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,23 +41,17 @@ class RewardStageConfig:
 
 def reward_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: builds the model and datasets from the object store, trains, exports."""
-    import ray
-    import torch
-
-    from engine.config import from_dict
     from engine.models.reward import build_reward_model, reward_loss_fn, targets_from_label
     from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, SliceDataConfig, collate, positive_weighted_sampler_weights
-    from engine.training.distributed import prepare, run_context, worker_context
+    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
+    from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
+    from engine.training.runner import worker_setup
     from engine.training.segmentation import scar_validation, segmentation_step
 
-    ctx = run_context(config)
-    stage = from_dict(RewardStageConfig, config["stage"])
-    data_cfg = from_dict(SliceDataConfig, config["data"])
-    train, val = ray.get(config["train"]), ray.get(config["val"])
-    rank, _, device = worker_context()
-    torch.manual_seed(stage.loop.seed)
+    setup = worker_setup(config, RewardStageConfig)
+    ctx, stage, data_cfg, rank, device = setup.ctx, setup.stage, setup.data, setup.rank, setup.device
+    train, val = setup.arrays["train"], setup.arrays["val"]
     net = build_reward_model(stage.model)
     model = prepare(net)
     loss_fn = reward_loss_fn(stage.model)
@@ -80,18 +73,8 @@ def reward_worker(config: dict[str, Any]) -> None:
 
 def train_reward(cfg) -> dict[str, Any]:
     """Driver: prepare the cohort arrays, run :func:`reward_worker` on Ray Train, return the final metrics."""
-    import ray
-
-    from engine.config import to_dict
-    from engine.training.distributed import connect, fit
     from engine.training.prepare import prepare_arrays
+    from engine.training.runner import launch
 
     parts, _ = prepare_arrays(cfg)
-    stage: RewardStageConfig = cfg.reward
-    connect(stage.ray.address)
-    loop_config = {
-        "stage": to_dict(stage), "data": to_dict(cfg.data),
-        "train": ray.put(parts["train"]), "val": ray.put(parts["val"]),
-    }
-    result = fit(reward_worker, loop_config, name=STAGE, run_dir=cfg.run_dir, cfg=stage.ray)
-    return dict(result.metrics or {})
+    return launch(cfg, cfg.reward, reward_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]})

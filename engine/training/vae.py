@@ -61,23 +61,19 @@ def load_vae(folder: str | Path):
 def vae_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of the VAE stage."""
     import numpy as np
-    import ray
     import torch
 
-    from engine.config import from_dict
     from engine.evaluation.metrics import ssim
     from engine.models.vae import build_vae, vae_loss
     from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, SliceDataConfig, collate
-    from engine.training.distributed import prepare, run_context, worker_context
+    from engine.training.data import SegmentationDataset, collate
+    from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
+    from engine.training.runner import worker_setup
 
-    ctx = run_context(config)
-    stage = from_dict(VAEStageConfig, config["stage"])
-    data_cfg = from_dict(SliceDataConfig, config["data"])
-    train, val = ray.get(config["train"]), ray.get(config["val"])
-    rank, _, device = worker_context()
-    torch.manual_seed(stage.loop.seed)
+    setup = worker_setup(config, VAEStageConfig)
+    ctx, stage, data_cfg, rank, device = setup.ctx, setup.stage, setup.data, setup.rank, setup.device
+    train, val = setup.arrays["train"], setup.arrays["val"]
     net = build_vae(stage.model)
     model = prepare(net)
 
@@ -108,18 +104,10 @@ def vae_worker(config: dict[str, Any]) -> None:
 
 def train_vae(cfg) -> dict[str, Any]:
     """Driver of the VAE stage (refuses to train over a configured pretrained VAE)."""
-    import ray
-
-    from engine.config import to_dict
-    from engine.training.distributed import connect, fit
     from engine.training.prepare import prepare_arrays
+    from engine.training.runner import launch
 
-    stage: VAEStageConfig = cfg.vae
-    if stage.pretrained:
-        raise ValueError(f"vae.pretrained is set ({stage.pretrained}): the generator uses that VAE; unset it to train one")
+    if cfg.vae.pretrained:
+        raise ValueError(f"vae.pretrained is set ({cfg.vae.pretrained}): the generator uses that VAE; unset it to train one")
     parts, _ = prepare_arrays(cfg)
-    connect(stage.ray.address)
-    loop_config = {"stage": to_dict(stage), "data": to_dict(cfg.data),
-                   "train": ray.put(parts["train"]), "val": ray.put(parts["val"])}
-    result = fit(vae_worker, loop_config, name=STAGE, run_dir=cfg.run_dir, cfg=stage.ray)
-    return dict(result.metrics or {})
+    return launch(cfg, cfg.vae, vae_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]})
