@@ -1,7 +1,6 @@
 """The command line as a user runs it: the installed ``lgesynth`` script in a subprocess, on real
 files (the phantom cohort written to disk, corrupted copies of it)."""
 
-import gzip
 import json
 import shutil
 import subprocess

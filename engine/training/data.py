@@ -50,7 +50,7 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
-from engine.anatomy.captions import CaptionMode, caption
+from engine.anatomy.captions import caption
 from engine.anatomy.labels import MYOCARDIUM, VALID_LABELS, scar_region
 from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map, sample_scar
 from engine.io.crop import LVCentredCrop

@@ -77,40 +77,25 @@ def patient_detection_metrics(model, arrays, device, min_pixels: float, batch_si
 def downstream_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of the downstream stage."""
     from engine.models.downstream import build_downstream_model, downstream_loss_fn
-    from engine.models.reward import targets_from_label
-    from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
-    from engine.training.distributed import prepare
-    from engine.training.loop import train_epochs
     from engine.training.runner import worker_setup
-    from engine.training.segmentation import scar_validation, segmentation_step
+    from engine.training.segmentation import scar_validation, train_segmentation_model
 
     setup = worker_setup(config, DownstreamStageConfig)
-    ctx, stage, data_cfg, rank, device = setup.ctx, setup.stage, setup.data, setup.rank, setup.device
-    train, val = setup.arrays["train"], setup.arrays["val"]
+    stage, val = setup.stage, setup.arrays["val"]
     net = build_downstream_model(stage.model)
-    model = prepare(net)
-    loss_fn = downstream_loss_fn(stage.model)
-    dataset = SegmentationDataset(train, data_cfg, train=True, seed=stage.loop.seed)
-    weights = positive_weighted_sampler_weights(train) if stage.loop.balanced else None
-    targets = lambda label: targets_from_label(label, "scar+myocardium")  # noqa: E731
 
     def validate() -> dict[str, float]:
-        metrics = scar_validation(net, val.image, val.label, INPUT_RANGE, device)
-        metrics.update(patient_detection_metrics(net, val, device, stage.detection_min_pixels))
+        metrics = scar_validation(net, val.image, val.label, INPUT_RANGE, setup.device)
+        metrics.update(patient_detection_metrics(net, val, setup.device, stage.detection_min_pixels))
         return metrics
 
-    train_epochs(
-        ctx=ctx, loop=stage.loop, models={STAGE: model}, parameters=list(model.parameters()), dataset=dataset,
-        step_fn=segmentation_step(model, loss_fn, targets, INPUT_RANGE, device), validate_fn=validate,
-        collate_fn=collate, sample_weights=weights, config={"stage": config["stage"], "data": config["data"]},
+    train_segmentation_model(
+        config, setup, name=STAGE, net=net, loss_fn=downstream_loss_fn(stage.model), outputs="scar+myocardium",
+        input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
+        export_record={"n_synthetic": stage.n_synthetic, "synthetic": stage.synthetic,
+                       "detection_min_pixels": stage.detection_min_pixels,
+                       "synthetic_sources": config["synthetic_sources"]},
     )
-    if rank == 0:
-        export_model(Path(ctx.run_dir) / stage.name, STAGE, net, {
-            "model": stage.model.to_dict(), "input_range": INPUT_RANGE, "crop_size": data_cfg.crop_size,
-            "n_synthetic": stage.n_synthetic, "synthetic": stage.synthetic,
-            "detection_min_pixels": stage.detection_min_pixels, "synthetic_sources": config["synthetic_sources"],
-        })
 
 
 def train_downstream(cfg) -> dict[str, Any]:

@@ -129,7 +129,6 @@ def generator_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of one generator phase (``config["phase"]``)."""
     import torch
 
-    from engine.config import from_dict
     from engine.training.checkpoint import export_model
     from engine.training.data import InpaintingDataset, collate
     from engine.training.distributed import prepare
@@ -137,10 +136,9 @@ def generator_worker(config: dict[str, Any]) -> None:
     from engine.training.runner import worker_setup
 
     phase = config["phase"]
-    stage = from_dict(GeneratorStageConfig, config["stage"])
-    loop = stage.base if phase == "base" else stage.controlnet
-    setup = worker_setup(config, GeneratorStageConfig, seed=loop.seed)
-    ctx, rank, device = setup.ctx, setup.rank, setup.device
+    setup = worker_setup(config, GeneratorStageConfig, loop=phase)
+    ctx, stage, rank, device = setup.ctx, setup.stage, setup.rank, setup.device
+    loop = getattr(stage, phase)
     data_cfg = _generator_data_cfg(setup.data, stage.model)
     items, val_pos, val_neg = (setup.arrays[k] for k in ("train", "val_positive", "val_negative"))
     model_cfg = dataclasses.replace(stage.model, train_base=True) if phase == "base" else stage.model

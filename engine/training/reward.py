@@ -40,35 +40,20 @@ class RewardStageConfig:
 
 
 def reward_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: builds the model and datasets from the object store, trains, exports."""
-    from engine.models.reward import build_reward_model, reward_loss_fn, targets_from_label
-    from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
-    from engine.training.distributed import prepare
-    from engine.training.loop import train_epochs
+    """Ray Train worker: builds the model from the object-store arrays, trains, exports."""
+    from engine.models.reward import build_reward_model, reward_loss_fn
     from engine.training.runner import worker_setup
-    from engine.training.segmentation import scar_validation, segmentation_step
+    from engine.training.segmentation import scar_validation, train_segmentation_model
 
     setup = worker_setup(config, RewardStageConfig)
-    ctx, stage, data_cfg, rank, device = setup.ctx, setup.stage, setup.data, setup.rank, setup.device
-    train, val = setup.arrays["train"], setup.arrays["val"]
+    stage, val = setup.stage, setup.arrays["val"]
     net = build_reward_model(stage.model)
-    model = prepare(net)
-    loss_fn = reward_loss_fn(stage.model)
-    dataset = SegmentationDataset(train, data_cfg, train=True, seed=stage.loop.seed)
-    weights = positive_weighted_sampler_weights(train) if stage.loop.balanced else None
-    targets = lambda label: targets_from_label(label, stage.model.outputs)  # noqa: E731
-    train_epochs(
-        ctx=ctx, loop=stage.loop, models={"reward": model}, parameters=list(model.parameters()), dataset=dataset,
-        step_fn=segmentation_step(model, loss_fn, targets, INPUT_RANGE, device),
-        validate_fn=lambda: scar_validation(net, val.image, val.label, INPUT_RANGE, device, stage.pass_threshold),
-        collate_fn=collate, sample_weights=weights, config={"stage": config["stage"], "data": config["data"]},
+    train_segmentation_model(
+        config, setup, name=STAGE, net=net, loss_fn=reward_loss_fn(stage.model), outputs=stage.model.outputs,
+        input_range=INPUT_RANGE, export_dir=Path(setup.ctx.run_dir) / STAGE,
+        validate=lambda: scar_validation(net, val.image, val.label, INPUT_RANGE, setup.device, stage.pass_threshold),
+        export_record={"pass_threshold": stage.pass_threshold},
     )
-    if rank == 0:
-        export_model(Path(ctx.run_dir) / STAGE, STAGE, net, {
-            "model": stage.model.to_dict(), "input_range": INPUT_RANGE, "pass_threshold": stage.pass_threshold,
-            "crop_size": data_cfg.crop_size,
-        })
 
 
 def train_reward(cfg) -> dict[str, Any]:

@@ -27,9 +27,9 @@ class WorkerSetup:
     device: Any
 
 
-def worker_setup(config: Mapping[str, Any], stage_cls: type, seed: int | None = None) -> WorkerSetup:
-    """Rebuild the configs, fetch the object-store arrays, seed torch (``seed``, default the stage's
-    ``loop.seed``)."""
+def worker_setup(config: Mapping[str, Any], stage_cls: type, loop: str = "loop") -> WorkerSetup:
+    """Rebuild the configs, fetch the object-store arrays, seed torch with the seed of the stage's
+    training loop named ``loop`` (the generator has two: "base" and "controlnet")."""
     import ray
     import torch
 
@@ -40,7 +40,7 @@ def worker_setup(config: Mapping[str, Any], stage_cls: type, seed: int | None = 
     stage = from_dict(stage_cls, config["stage"])
     arrays = {name: ray.get(ref) for name, ref in config["arrays"].items()}
     rank, _, device = worker_context()
-    torch.manual_seed(stage.loop.seed if seed is None else seed)
+    torch.manual_seed(getattr(stage, loop).seed)
     return WorkerSetup(run_context(config), stage, from_dict(SliceDataConfig, config["data"]), arrays, rank, device)
 
 

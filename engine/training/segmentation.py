@@ -53,3 +53,38 @@ def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, inpu
     if (~positive).any():
         out["val_negative_fp_rate"] = float(pred[~positive].reshape((~positive).sum(), -1).any(1).mean())
     return out
+
+
+def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: nn.Module, loss_fn: nn.Module,
+                             outputs: str, input_range: str, validate: Callable[[], dict[str, float]],
+                             export_dir, export_record: dict[str, Any]) -> None:
+    """The worker body both segmentation stages share: prepare the model (DDP), train it on the
+    ``train`` slices (class-balanced when ``loop.balanced``) with ``validate`` each epoch, and on
+    rank 0 export it as ``<export_dir>/<name>.safetensors`` + ``.json``.
+
+    Args:
+        config: the train loop config the worker received (its stage and data sections are stored
+            in every checkpoint).
+        setup: :func:`engine.training.runner.worker_setup` of the stage.
+        outputs: target channels, as :func:`engine.models.reward.targets_from_label`.
+    """
+    from engine.models.reward import targets_from_label
+    from engine.training.checkpoint import export_model
+    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
+    from engine.training.distributed import prepare
+    from engine.training.loop import train_epochs
+
+    stage, train = setup.stage, setup.arrays["train"]
+    model = prepare(net)
+    train_epochs(
+        ctx=setup.ctx, loop=stage.loop, models={name: model}, parameters=list(model.parameters()),
+        dataset=SegmentationDataset(train, setup.data, train=True, seed=stage.loop.seed),
+        step_fn=segmentation_step(model, loss_fn, lambda label: targets_from_label(label, outputs), input_range,
+                                  setup.device),
+        validate_fn=validate, collate_fn=collate,
+        sample_weights=positive_weighted_sampler_weights(train) if stage.loop.balanced else None,
+        config={"stage": config["stage"], "data": config["data"]},
+    )
+    if setup.rank == 0:
+        export_model(export_dir, name, net, {**export_record, "model": stage.model.to_dict(), "input_range": input_range,
+                                             "crop_size": setup.data.crop_size})
