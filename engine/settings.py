@@ -12,6 +12,7 @@ from engine.anatomy.masks import ScarSamplerConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
 from engine.phantom.config import PhantomConfig
+from engine.synthesis.config import SynthesisConfig
 from engine.training.data import SliceDataConfig
 from engine.training.downstream import DownstreamStageConfig
 from engine.training.generator import GeneratorStageConfig
@@ -35,6 +36,7 @@ class EngineConfig:
         vae: the VAE stage (or a pretrained VAE folder).
         generator: the LGESynthNet stage (base inpainting UNet, then ControlNet with reward loss).
         downstream: the downstream segmenter stage (real only, or real + synthetic).
+        synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
 
     Example:
         >>> from engine.config import load_config
@@ -52,6 +54,7 @@ class EngineConfig:
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     generator: GeneratorStageConfig = field(default_factory=GeneratorStageConfig)
     downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -183,9 +183,15 @@ def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: fl
     return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _randn(shape, generator: torch.Generator | list[torch.Generator] | None, device: torch.device) -> torch.Tensor:
     """Normal noise drawn on the generator's device (so a seeded CPU generator gives the same noise
-    whatever the model's device), float32 on ``device``."""
+    whatever the model's device), float32 on ``device``. A list of ``shape[0]`` generators draws
+    each sample's noise from its own generator (as diffusers' ``randn_tensor``), so a sample's
+    noise does not depend on the batch it shares."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
@@ -482,7 +488,7 @@ class LGESynthNet(nn.Module):
     # ---------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], num_inference_steps: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Inpaint the masked region of every image: the one sampling entry (previews, synthesis, evaluation).
 
         A custom loop with the configured diffusers scheduler. After every step the latent outside the
@@ -494,7 +500,8 @@ class LGESynthNet(nn.Module):
         Args:
             batch: the batch contract ("image", "mask", "caption", and "condition" or "scar").
             num_inference_steps: sampler steps (default ``cfg.num_inference_steps``).
-            generator: seeds the initial noise: the same seed gives the same images.
+            generator: seeds the initial noise: the same seed gives the same images; a list of
+                one generator per sample makes every sample independent of its batch.
 
         Returns:
             float32 ``[B, 1, H, W]`` in [-1, 1] on the model's device.

@@ -1,19 +1,170 @@
-"""Reading the synthetic store (``synthetic.zarr``, Zarr v3; schema in DESIGN.md).
+"""The synthetic store (``synthetic.zarr``, Zarr v3 on any fsspec URL; schema in DESIGN.md).
 
-One row per candidate sample: ``image`` float32 [N, H, W] (intensities in [0, 1], the data layer's
-range), ``label`` uint8 [N, H, W] (DOMAIN labels; scar = the quality filter's prediction),
-``condition`` uint8 [N, H, W], ``dice`` float32 [N], ``passed`` bool [N], ``caption`` str [N],
-``source`` str [N], and ``sample_id`` str [N] (the deterministic sample id). Readable with plain
-``zarr.open_group(url)``; any fsspec URL works (credentials from the environment).
+One row per candidate sample, in sample-id order (patient, slice, draw):
+
+| array | dtype, shape | chunks (shards) |
+|---|---|---|
+| ``image`` | float32 [N, H, W], intensities in [0, 1] | one sample per chunk, ``shard_size`` per shard |
+| ``label`` | uint8 [N, H, W], DOMAIN labels, scar = the filter's prediction | as ``image`` |
+| ``condition`` | uint8 [N, H, W], the conditioning scar mask | as ``image`` |
+| ``dice``, ``passed`` | float32 / bool [N] | ``shard_size`` |
+| ``sample_id``, ``source``, ``caption``, ``spec``, ``skip_reason`` | str [N] | ``shard_size`` |
+| ``seed`` | int64 [N] | ``shard_size`` |
+| ``shard_complete`` | uint8 [n_shards], 1 once a shard is written whole | 1 |
+
+Row ``i`` belongs to shard ``i // shard_size``. A shard is the unit of work of the synthesis
+pipeline: exactly one writer writes all its rows (each array's shard object in one put), then sets
+its ``shard_complete`` flag; a shard whose flag is 0 is rewritten whole by the next run, so a crash
+at any point leaves nothing half-counted. ``skip_reason`` is empty for generated candidates and
+says why for a candidate whose slice could not take a scar (such rows are never ``passed``).
+Rejected candidates keep their images only with ``keep_rejected``; otherwise image, label and
+condition of those rows stay empty (zero, not stored) and only their metadata is kept.
+
+Attributes (``group.attrs["lgesynth"]``): format version, engine version, the synthesis config,
+scar sampler and data config, checkpoint sha256s, seed, the plan's fingerprint, and the sources
+that could not take a candidate at all. Readable with plain ``zarr.open_group(url)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+FORMAT_VERSION = 1
+ATTRS_KEY = "lgesynth"
+IMAGE_ARRAYS = {"image": "float32", "label": "uint8", "condition": "uint8"}
+ROW_ARRAYS = {"dice": "float32", "passed": "bool", "seed": "int64"}
+TEXT_ARRAYS = ("sample_id", "source", "caption", "spec", "skip_reason")
+MARKER = "shard_complete"
 REQUIRED = ("image", "label", "passed")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shape of a store: ``rows`` candidates of ``height`` x ``width`` in shards of ``shard_size``."""
+
+    rows: int
+    height: int
+    width: int
+    shard_size: int
+
+    @property
+    def shards(self) -> int:
+        return -(-self.rows // self.shard_size)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """``(start, stop)`` rows of ``shard``."""
+        if not 0 <= shard < self.shards:
+            raise IndexError(f"shard {shard} out of range 0..{self.shards - 1}")
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.rows)
+
+    @classmethod
+    def of_group(cls, group) -> StoreLayout:
+        n, h, w = group["image"].shape
+        return cls(rows=int(n), height=int(h), width=int(w), shard_size=int(group["dice"].chunks[0]))
+
+
+def _storage_options(url: str, storage_options: Mapping[str, Any] | None) -> dict | None:
+    """fsspec options only for URLs (zarr refuses them for local paths)."""
+    return dict(storage_options) if storage_options and "://" in str(url) else None
+
+
+def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None):
+    """The store's root group (``mode`` as :func:`zarr.open_group`); errors name the store."""
+    import zarr
+
+    try:
+        return zarr.open_group(url, mode=mode, storage_options=_storage_options(url, storage_options))
+    except Exception as exc:  # noqa: BLE001 - report which store and why
+        raise ValueError(f"{url}: cannot open the synthetic store ({type(exc).__name__}: {exc})") from exc
+
+
+def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    import zarr
+
+    try:
+        zarr.open_group(url, mode="r", storage_options=_storage_options(url, storage_options))
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+
+
+def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
+                 storage_options: Mapping[str, Any] | None = None):
+    """Create an empty store of ``layout`` with provenance ``attrs`` (under ``attrs["lgesynth"]``)."""
+    import zarr
+
+    group = zarr.open_group(url, mode="w", storage_options=_storage_options(url, storage_options))
+    n, h, w, s = layout.rows, layout.height, layout.width, layout.shard_size
+    for name, dtype in IMAGE_ARRAYS.items():
+        group.create_array(name, shape=(n, h, w), chunks=(1, h, w), shards=(s, h, w), dtype=dtype, fill_value=0)
+    for name, dtype in ROW_ARRAYS.items():
+        group.create_array(name, shape=(n,), chunks=(s,), dtype=dtype, fill_value=0)
+    for name in TEXT_ARRAYS:
+        group.create_array(name, shape=(n,), chunks=(s,), dtype=str)
+    group.create_array(MARKER, shape=(layout.shards,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.attrs[ATTRS_KEY] = dict(attrs)
+    return group
+
+
+def store_attrs(group) -> dict[str, Any]:
+    return dict(group.attrs.get(ATTRS_KEY, {}))
+
+
+def update_attrs(group, **values: Any) -> None:
+    """Set keys of the provenance attributes (driver only)."""
+    attrs = store_attrs(group)
+    attrs.update(values)
+    group.attrs[ATTRS_KEY] = attrs
+
+
+def completed_shards(group) -> np.ndarray:
+    """bool [n_shards]: which shards were written whole."""
+    return np.asarray(group[MARKER][:], dtype=np.uint8) == 1
+
+
+def write_shard(group, shard: int, rows: Mapping[str, Any], layout: StoreLayout | None = None) -> int:
+    """Write every row of ``shard`` (the caller is its only writer), then mark it complete.
+
+    Args:
+        group: the store's root group (opened for writing).
+        shard: shard index.
+        rows: one entry per array of the schema (except the marker), each with exactly the shard's
+            row count along the first axis.
+
+    Returns:
+        the number of rows written.
+    """
+    layout = layout or StoreLayout.of_group(group)
+    start, stop = layout.shard_rows(shard)
+    count = stop - start
+    for name in (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS):
+        if name not in rows:
+            raise ValueError(f"shard {shard}: no {name!r} rows to write")
+        value = np.asarray(rows[name])
+        if value.shape[:1] != (count,):
+            raise ValueError(f"shard {shard}: {name!r} has {value.shape[:1]} rows, the shard holds {count}")
+        if name in TEXT_ARRAYS:
+            value = np.asarray([str(v) for v in value], dtype=object)
+        group[name][start:stop] = value
+    group[MARKER][shard] = 1  # last: a shard counts only once all of it is stored
+    return count
+
+
+def read_shard(group, shard: int, names: tuple[str, ...] | None = None,
+               layout: StoreLayout | None = None) -> dict[str, np.ndarray]:
+    """All rows of one shard (``names``: which arrays; default all of the schema)."""
+    layout = layout or StoreLayout.of_group(group)
+    start, stop = layout.shard_rows(shard)
+    names = names or (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS)
+    return {name: np.asarray(group[name][start:stop]) for name in names}
+
+
+def _text(values: np.ndarray) -> list[str]:
+    return [str(v) for v in values]
 
 
 def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
@@ -29,12 +180,7 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
         ``image`` float32 [M, 1, H, W] in [0, 1], ``label`` uint8 [M, H, W], ``passed`` bool [M], and
         ``sample_id`` / ``dice`` / ``caption`` / ``source`` where the store has them.
     """
-    import zarr
-
-    try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
-    except Exception as exc:  # noqa: BLE001 - report which store and why
-        raise ValueError(f"{url}: cannot open the synthetic store ({type(exc).__name__}: {exc})") from exc
+    group = open_store(url, "r", storage_options)
     missing = [name for name in REQUIRED if name not in group]
     if missing:
         raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
@@ -48,8 +194,109 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
     for name in ("sample_id", "dice", "caption", "source"):
         if name in group:
             values = np.asarray(group[name][:])[keep]
-            out[name] = [str(v) for v in values] if values.dtype.kind in "OUS" or name != "dice" else values.astype(np.float32)
+            out[name] = values.astype(np.float32) if name == "dice" else _text(values)
     image = out["image"]
     if image.size and (not np.isfinite(image).all() or image.min() < 0 or image.max() > 1):
         raise ValueError(f"{url}: image values must be finite and in [0, 1]")
     return out
+
+
+def _sample(group, i: int) -> dict[str, Any]:
+    return {
+        "image": np.asarray(group["image"][i], np.float32)[None],
+        "label": np.asarray(group["label"][i], np.uint8)[None],
+        "condition": np.asarray(group["condition"][i], np.uint8)[None],
+        "dice": float(group["dice"][i]),
+        "passed": bool(group["passed"][i]),
+        "caption": str(group["caption"][i]),
+        "source": str(group["source"][i]),
+        "sample_id": str(group["sample_id"][i]),
+    }
+
+
+def iter_shard_samples(group, shard: int, passed_only: bool = True) -> Iterator[dict[str, Any]]:
+    """The samples of one shard as dicts (channel-first ``image``/``label``/``condition`` [1, H, W])."""
+    rows = read_shard(group, shard)
+    for j in range(len(rows["passed"])):
+        if passed_only and not rows["passed"][j]:
+            continue
+        yield {"image": rows["image"][j][None].astype(np.float32), "label": rows["label"][j][None],
+               "condition": rows["condition"][j][None], "dice": float(rows["dice"][j]),
+               "passed": bool(rows["passed"][j]), "caption": str(rows["caption"][j]),
+               "source": str(rows["source"][j]), "sample_id": str(rows["sample_id"][j])}
+
+
+class SyntheticDataset:
+    """The store as a MONAI-style map dataset: ``dataset[i]`` is a dict with ``image`` float32 and
+    ``label`` / ``condition`` uint8, channel-first [1, H, W], plus ``caption``, ``dice``, ``passed``,
+    ``source`` and ``sample_id``; an optional MONAI ``transform`` (e.g. ``Compose([...])`` of
+    dictionary transforms) is applied to each sample.
+
+    Only passed samples by default. Reading is lazy (one sample's chunk per item), so the store may
+    be much larger than memory; the group is reopened in each DataLoader worker process.
+
+    Example:
+        >>> ds = SyntheticDataset("runs/demo/synthetic.zarr")  # doctest: +SKIP
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, url: str, passed_only: bool = True, transform=None,
+                 storage_options: Mapping[str, Any] | None = None):
+        self.url, self.transform = url, transform
+        self.storage_options = dict(storage_options or {})
+        group = open_store(url, "r", self.storage_options)
+        missing = [name for name in (*IMAGE_ARRAYS, "passed", "sample_id") if name not in group]
+        if missing:
+            raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
+        passed = np.asarray(group["passed"][:], dtype=bool)
+        self.indices = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
+        self._group = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_group"] = None  # zarr groups are reopened per process
+        return state
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._group is None:
+            self._group = open_store(self.url, "r", self.storage_options)
+        sample = _sample(self._group, int(self.indices[index]))
+        return self.transform(sample) if self.transform is not None else sample
+
+
+def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: dict | None,
+                       passed_only: bool) -> dict[str, Any]:
+    """Ray Data task: shard indices -> their samples as columns."""
+    group = open_store(url, "r", storage_options)
+    layout = StoreLayout.of_group(group)
+    samples = [s for shard in batch["shard"] for s in iter_shard_samples(group, int(shard), passed_only)]
+    keys = ("image", "label", "condition", "dice", "passed", "caption", "source", "sample_id")
+    if not samples:
+        shape = (0, 1, layout.height, layout.width)
+        return {"image": np.zeros(shape, np.float32), "label": np.zeros(shape, np.uint8),
+                "condition": np.zeros(shape, np.uint8), "dice": np.zeros(0, np.float32),
+                "passed": np.zeros(0, bool), "caption": np.zeros(0, object), "source": np.zeros(0, object),
+                "sample_id": np.zeros(0, object)}
+    out = {k: np.stack([s[k] for s in samples]) for k in ("image", "label", "condition")}
+    out["dice"] = np.asarray([s["dice"] for s in samples], np.float32)
+    out["passed"] = np.asarray([s["passed"] for s in samples], bool)
+    for k in keys[5:]:
+        out[k] = np.asarray([s[k] for s in samples], dtype=object)
+    return out
+
+
+def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
+    """The store as a Ray Dataset, one row per sample (columns as :class:`SyntheticDataset`),
+    read shard by shard in parallel tasks; only passed samples by default."""
+    import ray
+
+    group = open_store(url, "r", storage_options)
+    layout = StoreLayout.of_group(group)
+    shards = ray.data.from_items([{"shard": i} for i in range(layout.shards)],
+                                 override_num_blocks=max(1, min(layout.shards, 200)))
+    return shards.map_batches(_read_shards_batch, batch_size=1,
+                              fn_kwargs={"url": url, "storage_options": _storage_options(url, storage_options),
+                                         "passed_only": passed_only})

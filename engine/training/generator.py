@@ -52,7 +52,7 @@ class GeneratorStageConfig:
     pass_threshold: float = 0.6
 
 
-def _generator_data_cfg(data_cfg, model: GeneratorConfig):
+def generator_data_config(data_cfg, model: GeneratorConfig):
     """The data layer's conditioning settings follow the generator's (one source of truth)."""
     return dataclasses.replace(data_cfg, condition=model.controlnet.conditioning, mask_dilation=model.mask_dilation,
                                caption_mode=model.caption_mode, edge_width=model.controlnet.edge_width)
@@ -139,7 +139,7 @@ def generator_worker(config: dict[str, Any]) -> None:
     setup = worker_setup(config, GeneratorStageConfig, loop=phase)
     ctx, stage, rank, device = setup.ctx, setup.stage, setup.rank, setup.device
     loop = getattr(stage, phase)
-    data_cfg = _generator_data_cfg(setup.data, stage.model)
+    data_cfg = generator_data_config(setup.data, stage.model)
     items, val_pos, val_neg = (setup.arrays[k] for k in ("train", "val_positive", "val_negative"))
     model_cfg = dataclasses.replace(stage.model, train_base=True) if phase == "base" else stage.model
     out_dir = Path(ctx.run_dir) / STAGE
@@ -202,7 +202,7 @@ def train_generator(cfg) -> dict[str, Any]:
     if not (Path(cfg.run_dir) / "reward" / "reward.json").is_file():
         raise ValueError(f"{Path(cfg.run_dir) / 'reward'}: no trained reward model; run `lgesynth train reward` first")
     parts, _ = prepare_arrays(cfg)
-    data_cfg = _generator_data_cfg(cfg.data, stage.model)
+    data_cfg = generator_data_config(cfg.data, stage.model)
     angle = cfg.cohort.reference_angle
     positives = inpainting_arrays(parts["train"], data_cfg)
     val_positive = inpainting_arrays(parts["val"], data_cfg) if parts["val"].positive.any() else None

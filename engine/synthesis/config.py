@@ -1,0 +1,139 @@
+"""Config of the synthesis stage: what to synthesize, where to store it, and the Ray Data resources.
+
+The scar distribution is the run's ``scar_sampler`` section and the slices come from the run's
+patient split (``<run_dir>/splits.json``); this section only adds what is particular to synthesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+STORE_NAME = "synthetic.zarr"
+# Keys that would put a secret into a config file (and from there into logs and store attributes).
+CREDENTIAL_KEYS = frozenset({
+    "key", "secret", "token", "password", "session_token", "access_key", "secret_key",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
+    "client_secret", "credentials", "token_file",
+})
+
+
+def credential_keys(options: Any, prefix: str = "") -> list[str]:
+    """Dotted names of credential-like keys anywhere in ``options`` (a nested mapping)."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            name = f"{prefix}{key}"
+            if str(key).lower() in CREDENTIAL_KEYS:
+                found.append(name)
+            found += credential_keys(value, name + ".")
+    return found
+
+
+@dataclass
+class ActorPoolConfig:
+    """One Ray Data actor pool (the diffusion actors or the filter actors).
+
+    Args:
+        actors: actors in the pool (each loads its model once).
+        num_cpus: CPUs reserved per actor (fractions allowed, e.g. 0.5 to fit two on one core).
+        num_gpus: GPUs per actor; fractions share a GPU between actors (e.g. 0.5).
+        dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32" or "bfloat16".
+        torch_threads: intra-op threads of torch in each actor (0: leave torch's default); on a
+            small CPU machine one thread per actor avoids oversubscription.
+    """
+
+    actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:
+            raise ValueError(f"num_cpus and num_gpus must be >= 0 and not both 0, got {self.num_cpus}, {self.num_gpus}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+
+
+@dataclass
+class SynthesisConfig:
+    """The synthesis stage (DOMAIN.md section 4; DESIGN.md "synthesize").
+
+    Args:
+        store: the store's path or fsspec URL (``s3://bucket/prefix/synthetic.zarr``,
+            ``memory://...``); empty: ``<run_dir>/synthetic.zarr``.
+        storage_options: fsspec options of the store (endpoint, region, ...). Credentials never go
+            here: they come from the environment or the provider chain of the workers.
+        split: whose negative slices are the sources ("train": synthetic samples must never carry
+            validation or test patients' anatomy into downstream training).
+        candidates_per_slice: K, candidates drawn on every negative slice.
+        seed: the synthesis seed (scar draws and diffusion noise of every candidate derive from it).
+        max_candidates: stop the plan after this many candidates (0: all); the first ones in
+            sample-id order, so a small run is a prefix of a large one.
+        shard_size: candidates per Zarr shard; a shard is the unit of work, written whole by one writer.
+        batch_size: candidates per forward pass of a diffusion or filter actor.
+        num_inference_steps: sampler steps (0: the generator's own setting).
+        threshold: a candidate passes when Dice(predicted scar, conditioning mask) > threshold.
+        keep_rejected: keep the images of rejected candidates (else only their metadata: dice,
+            caption, source, spec; image, label and condition stay empty).
+        generator: folder of the exported generator (empty: ``<run_dir>/generator``).
+        reward: folder of the exported reward model (empty: ``<run_dir>/reward``).
+        diffusion: the diffusion actor pool.
+        filter: the filter actor pool.
+        prepare_cpus: CPUs per candidate-preparation task (scar masks, edge maps, captions).
+        address: Ray cluster address (empty: ``RAY_ADDRESS`` or a local instance).
+    """
+
+    store: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    split: Literal["train", "val", "test"] = "train"
+    candidates_per_slice: int = 4
+    seed: int = 0
+    max_candidates: int = 0
+    shard_size: int = 32
+    batch_size: int = 8
+    num_inference_steps: int = 0
+    threshold: float = 0.6
+    keep_rejected: bool = False
+    generator: str = ""
+    reward: str = ""
+    diffusion: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    filter: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.5))
+    prepare_cpus: float = 0.25
+    address: str = ""
+
+    def __post_init__(self) -> None:
+        bad = credential_keys(self.storage_options)
+        if bad:
+            raise ValueError(
+                f"storage_options must not hold credentials ({', '.join(bad)}): set them in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the cloud's provider chain)")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {self.split!r}")
+        for name, lo in (("candidates_per_slice", 1), ("seed", 0), ("max_candidates", 0), ("shard_size", 1),
+                         ("batch_size", 1), ("num_inference_steps", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        if not -1.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [-1, 1) (Dice > threshold passes), got {self.threshold}")
+        if self.prepare_cpus <= 0:
+            raise ValueError(f"prepare_cpus must be > 0, got {self.prepare_cpus}")
+
+    def store_url(self, run_dir: str) -> str:
+        """The store's URL: ``store``, or ``<run_dir>/synthetic.zarr`` (a local run dir made absolute,
+        so workers on every node and in any working directory write the same place)."""
+        if self.store:
+            return self.store if "://" in self.store else str(Path(self.store).absolute())
+        return f"{run_dir.rstrip('/')}/{STORE_NAME}" if "://" in str(run_dir) else str(Path(run_dir).absolute() / STORE_NAME)
+
+    def generator_folder(self, run_dir: str) -> Path:
+        return Path(self.generator).absolute() if self.generator else Path(run_dir).absolute() / "generator"
+
+    def reward_folder(self, run_dir: str) -> Path:
+        return Path(self.reward).absolute() if self.reward else Path(run_dir).absolute() / "reward"

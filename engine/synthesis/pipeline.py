@@ -1,0 +1,275 @@
+"""The synthesis stage's driver: plan, store, and the streaming Ray Data pipeline.
+
+::
+
+    shard ids (only those not yet complete in the store)
+      -> prepare_shards   (tasks: scar masks, edge maps, captions)
+      -> DiffusionActor   (actor pool, generator loaded once per actor)
+      -> FilterActor      (actor pool, frozen reward model: Dice, passed, label)
+      -> ZarrShardDatasink (write tasks: each shard written whole, then marked complete)
+
+Exactly once: the plan (sample ids, shards) is a pure function of the cohort, the split, the
+sampler and the seed; the store records the plan's fingerprint, and a shard is complete only once
+all its arrays are stored. A re-run, after any crash, makes exactly the shards still missing; a
+re-run of a complete store makes nothing. A retried task (a killed actor or node) rewrites its own
+shard whole. A store written under another plan, config or checkpoint is refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.synthesis.config import SynthesisConfig
+from engine.synthesis.store import (
+    ATTRS_KEY,
+    FORMAT_VERSION,
+    completed_shards,
+    create_store,
+    open_store,
+    store_attrs,
+    store_exists,
+    update_attrs,
+    write_shard,
+)
+
+# Settings that change what the store holds; the others (actors, batch sizes, addresses) do not.
+CONTENT_KEYS = ("split", "candidates_per_slice", "seed", "max_candidates", "shard_size",
+                "num_inference_steps", "threshold", "keep_rejected")
+
+
+def _engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lgesynth")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _shared_filesystem(url: str) -> bool:
+    """Whether Ray workers in other processes see what is written at ``url`` (``memory://`` is per process)."""
+    return not str(url).startswith("memory://")
+
+
+def checkpoint_hashes(folders: dict[str, Path]) -> dict[str, str]:
+    """sha256 of each exported model (from its json record, which :func:`load_model_weights` verifies)."""
+    out = {}
+    for name, folder in folders.items():
+        record = Path(folder) / f"{name}.json"
+        if not record.is_file():
+            raise FileNotFoundError(f"{record}: missing; train the {name} model first (or point the config at it)")
+        out[name] = json.loads(record.read_text())["sha256"]
+    return out
+
+
+def _fingerprint(content: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {str(a)[:60]} -> {str(b)[:60]}")
+    return out
+
+
+def check_pools_fit(syn: SynthesisConfig) -> None:
+    """Raise ValueError unless the live cluster can hold both actor pools plus one preparation and one
+    write task (Ray Data would otherwise wait forever for resources that never come)."""
+    import ray
+
+    need_cpu = (syn.diffusion.actors * syn.diffusion.num_cpus + syn.filter.actors * syn.filter.num_cpus
+                + 2 * syn.prepare_cpus)
+    need_gpu = syn.diffusion.actors * syn.diffusion.num_gpus + syn.filter.actors * syn.filter.num_gpus
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0.0) + 1e-9 or need_gpu > have.get("GPU", 0.0) + 1e-9:
+        raise ValueError(
+            f"the synthesis pools need {need_cpu:g} CPU and {need_gpu:g} GPU (diffusion {syn.diffusion.actors} x "
+            f"{syn.diffusion.num_cpus:g} CPU/{syn.diffusion.num_gpus:g} GPU, filter {syn.filter.actors} x "
+            f"{syn.filter.num_cpus:g} CPU/{syn.filter.num_gpus:g} GPU, preparation and writing 2 x {syn.prepare_cpus:g} CPU); "
+            f"the cluster has {have.get('CPU', 0.0):g} CPU and {have.get('GPU', 0.0):g} GPU: lower synthesis.*.actors or "
+            "synthesis.*.num_cpus")
+
+
+class SynthesisJob:
+    """Everything the driver decides before any candidate is made: plan, store, models.
+
+    Args:
+        cfg: the run's :class:`engine.settings.EngineConfig`.
+    """
+
+    def __init__(self, cfg, parts: dict[str, Any] | None = None):
+        from engine.config import to_dict
+        from engine.models.generator import GeneratorConfig
+        from engine.synthesis.actors import PlanContext
+        from engine.synthesis.plan import make_plan
+        from engine.training.checkpoint import read_model_config
+        from engine.training.generator import generator_data_config
+        from engine.training.prepare import prepare_arrays
+
+        self.cfg, syn = cfg, cfg.synthesis
+        self.syn = syn
+        self.generator_folder = syn.generator_folder(cfg.run_dir)
+        self.reward_folder = syn.reward_folder(cfg.run_dir)
+        self.vae_folder = Path(cfg.vae.folder(cfg.run_dir)).absolute()
+        self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "vae": self.vae_folder,
+                                              "unet": self.generator_folder, "controlnet": self.generator_folder})
+        record = json.loads((self.generator_folder / "controlnet.json").read_text())["config"]
+        model_cfg = GeneratorConfig.from_dict(read_model_config(self.generator_folder, "controlnet")["model"])
+        self.data_cfg = generator_data_config(cfg.data, model_cfg)
+        if int(record.get("crop_size", cfg.data.crop_size)) != cfg.data.crop_size:
+            raise ValueError(f"{self.generator_folder}: the generator was trained on {record['crop_size']} px crops, "
+                             f"the config asks for data.crop_size={cfg.data.crop_size}")
+        if parts is None:
+            parts, _ = prepare_arrays(cfg)
+        self.plan = make_plan(parts[syn.split], syn.candidates_per_slice, syn.seed, syn.max_candidates)
+        self.layout = self.plan.layout(syn.shard_size)
+        self.url = syn.store_url(cfg.run_dir)
+        self.context = PlanContext(slices=self.plan.slices, jobs=self.plan.jobs, seed=syn.seed,
+                                   shard_size=syn.shard_size, sampler=cfg.scar_sampler, data=self.data_cfg,
+                                   reference_angle=cfg.cohort.reference_angle)
+        content = {
+            "plan": self.plan.fingerprint(), "rows": self.layout.rows, "crop_size": self.layout.height,
+            "synthesis": {k: getattr(syn, k) for k in CONTENT_KEYS},
+            "scar_sampler": to_dict(cfg.scar_sampler), "data": to_dict(self.data_cfg),
+            "reference_angle": cfg.cohort.reference_angle, "checkpoints": self.checkpoints,
+        }
+        self.fingerprint = _fingerprint(content)
+        self.attrs = {
+            "format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": self.fingerprint,
+            "content": content, "seed": syn.seed, "candidates": self.layout.rows, "shard_size": syn.shard_size,
+            "config": {k: v for k, v in to_dict(syn).items() if k != "storage_options"},
+            "cohort": str(cfg.cohort.root), "skipped_sources": self.plan.skipped, "complete": False,
+        }
+
+    # ------------------------------------------------------------------------------------ store
+    def open_or_create(self):
+        """The store, created if absent; an existing store of another plan or config is refused."""
+        opts = self.syn.storage_options
+        if store_exists(self.url, opts):
+            group = open_store(self.url, "r+", opts)
+            stored = store_attrs(group)
+            if stored.get("fingerprint") != self.fingerprint:
+                changes = _differences(stored.get("content", {}), self.attrs["content"]) or ["not an lgesynth store"]
+                raise ValueError(
+                    f"{self.url}: the store was written with another plan, config or checkpoint ({'; '.join(changes[:6])}); "
+                    "write to a new synthesis.store, or delete this one to start over")
+            return group
+        return create_store(self.url, self.layout, self.attrs, opts)
+
+    def actor_args(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        syn = self.syn
+        diffusion = {"generator_folder": str(self.generator_folder), "vae_folder": str(self.vae_folder),
+                     "batch_size": syn.batch_size, "num_inference_steps": syn.num_inference_steps,
+                     "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
+                     "torch_threads": syn.diffusion.torch_threads}
+        filt = {"reward_folder": str(self.reward_folder), "threshold": syn.threshold,
+                "keep_rejected": syn.keep_rejected, "batch_size": syn.batch_size, "num_gpus": syn.filter.num_gpus,
+                "dtype": syn.filter.dtype, "torch_threads": syn.filter.torch_threads}
+        return diffusion, filt
+
+    # ------------------------------------------------------------------------------------ runs
+    def dataset(self, todo: list[int]):
+        """The lazy Ray Dataset of the pipeline over shards ``todo`` (one row per shard)."""
+        import ray
+
+        from engine.synthesis.actors import DiffusionActor, FilterActor, prepare_shards
+
+        syn = self.syn
+        diffusion_args, filter_args = self.actor_args()
+        ds = ray.data.from_items([{"shard": int(i)} for i in todo], override_num_blocks=max(1, len(todo)))
+        ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(self.context)},
+                            num_cpus=syn.prepare_cpus)
+        ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
+                            concurrency=syn.diffusion.actors, num_cpus=syn.diffusion.num_cpus,
+                            num_gpus=syn.diffusion.num_gpus or None)
+        return ds.map_batches(FilterActor, batch_size=1, fn_constructor_kwargs=filter_args,
+                              concurrency=syn.filter.actors, num_cpus=syn.filter.num_cpus,
+                              num_gpus=syn.filter.num_gpus or None)
+
+    def run_ray(self, todo: list[int], log: Callable[[str], None]) -> None:
+        from engine.synthesis.actors import unpack_store_rows
+        from engine.synthesis.sink import ZarrShardDatasink
+        from engine.training.distributed import connect
+
+        connect(self.syn.address)
+        check_pools_fit(self.syn)
+        ds = self.dataset(todo)
+        if _shared_filesystem(self.url):
+            ds.write_datasink(ZarrShardDatasink(self.url, self.syn.storage_options),
+                              ray_remote_args={"num_cpus": self.syn.prepare_cpus})
+            return
+        log(f"{self.url}: a process-local store; the driver writes the streamed shards")
+        group = open_store(self.url, "r+", self.syn.storage_options)
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            shard, rows = unpack_store_rows({k: v[0] for k, v in batch.items()})
+            write_shard(group, shard, rows, self.layout)
+
+    def run_sequential(self, todo: list[int], log: Callable[[str], None]) -> None:
+        """The same steps in one process, shard after shard, no Ray (the benchmark's reference loop)."""
+        from engine.synthesis.actors import DiffusionActor, FilterActor, prepare_shards, unpack_store_rows
+
+        diffusion_args, filter_args = self.actor_args()
+        diffusion, filt = DiffusionActor(**diffusion_args), FilterActor(**filter_args)
+        group = open_store(self.url, "r+", self.syn.storage_options)
+        for shard in todo:
+            batch = filt(diffusion(prepare_shards({"shard": np.asarray([shard])}, self.context)))
+            shard_id, rows = unpack_store_rows({k: v[0] for k, v in batch.items()})
+            write_shard(group, shard_id, rows, self.layout)
+
+
+def summarize(group) -> dict[str, Any]:
+    """Counts of a store: candidates, made, skipped, kept, pass rate, complete shards."""
+    passed = np.asarray(group["passed"][:], bool)
+    skip = np.asarray([bool(str(r)) for r in group["skip_reason"][:]], bool)
+    done = completed_shards(group)
+    made = int((~skip).sum())
+    return {"candidates": int(len(passed)), "made": made, "skipped": int(skip.sum()), "kept": int(passed.sum()),
+            "pass_rate": float(passed.sum() / made) if made else 0.0,
+            "shards": int(len(done)), "shards_complete": int(done.sum())}
+
+
+def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = print, parts=None) -> dict[str, Any]:
+    """Run the synthesis stage of ``cfg`` (``cfg.synthesis``) to completion; the summary.
+
+    Returns:
+        ``store``, ``candidates``, ``made``, ``skipped`` (no scar fits), ``kept``, ``pass_rate``,
+        ``written`` (candidates made by this run), ``seconds``, ``candidates_per_s`` (this run).
+    """
+    job = SynthesisJob(cfg, parts)
+    group = job.open_or_create()
+    done = completed_shards(group)
+    todo = [int(i) for i in np.flatnonzero(~done)]
+    rows = sum(job.layout.shard_rows(i)[1] - job.layout.shard_rows(i)[0] for i in todo)
+    log(f"synthesis: {job.layout.rows} candidates in {job.layout.shards} shards -> {job.url}; "
+        f"{len(todo)} shard(s) ({rows} candidates) to make, {int(done.sum())} already complete; "
+        f"{len(job.plan.skipped)} apex candidate(s) not planned")
+    start = time.perf_counter()
+    if todo:
+        (job.run_sequential if sequential else job.run_ray)(todo, log)
+    seconds = time.perf_counter() - start
+    group = open_store(job.url, "r+", job.syn.storage_options)
+    summary = summarize(group)
+    if summary["shards_complete"] != summary["shards"]:
+        raise RuntimeError(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
+                           "after the pipeline finished; re-run to complete them")
+    update_attrs(group, complete=True, summary=summary)
+    summary.update(store=job.url, written=rows, seconds=round(seconds, 3),
+                   candidates_per_s=round(rows / seconds, 3) if rows and seconds > 0 else 0.0)
+    log(f"synthesis: {summary['candidates']} candidates, {summary['made']} made, {summary['kept']} kept "
+        f"(pass rate {summary['pass_rate']:.1%} at Dice > {job.syn.threshold}), {summary['skipped']} without a scar; "
+        f"this run wrote {rows} in {seconds:.1f} s ({summary['candidates_per_s']:.2f} candidates/s)")
+    return summary
+
+
+__all__ = ["ATTRS_KEY", "SynthesisJob", "summarize", "synthesize", "check_pools_fit"]
