@@ -35,6 +35,11 @@ HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 TEST_TOKEN = secrets.token_hex(32)
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TEST_TOKEN)
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+# Fake S3 credentials for the moto endpoint, set before the nodes start so Ray workers inherit them
+# (credentials come from the environment, never from configs); real ones never reach a test.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
 NODE_MEMORY = 2 * 1024**3  # logical memory per node; each node would otherwise claim the whole machine
 NODE_OBJECT_STORE = 200 * 1024**2
 START_TIMEOUT_S = 90
@@ -113,18 +118,55 @@ def ray_cluster():
             head_log,
         ))
         _wait_for_port(HEAD_IP, port, nodes[0], head_log, START_TIMEOUT_S)
-        nodes.append(_start_node([f"--address={address}", f"--node-ip-address={WORKER_IP}"], worker_log))
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while sum(n["Alive"] for n in ray.nodes()) < 2:
-            if nodes[1].poll() is not None:
-                raise RuntimeError(f"worker node exited with {nodes[1].returncode}; log:\n{worker_log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker node did not join within {START_TIMEOUT_S}s; log:\n{worker_log.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield {"address": address, "node_ips": {HEAD_IP, WORKER_IP}, "temp_dir": str(temp_dir)}
+
+        def start_worker() -> None:
+            """Start the worker node (again, after kill_worker) and wait until it is alive."""
+            alive_before = sum(n["Alive"] for n in ray.nodes())
+            nodes.append(_start_node([f"--address={address}", f"--node-ip-address={WORKER_IP}"], worker_log))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while sum(n["Alive"] for n in ray.nodes()) <= alive_before:
+                if nodes[-1].poll() is not None:
+                    raise RuntimeError(f"worker node exited with {nodes[-1].returncode}; log:\n{worker_log.read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker node did not join within {START_TIMEOUT_S}s; log:\n{worker_log.read_text()[-4000:]}")
+                time.sleep(0.25)
+
+        def kill_worker() -> None:
+            """SIGKILL the worker node's whole process group (raylet and its workers): a node failure."""
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(nodes[-1].pid, signal.SIGKILL)
+            nodes[-1].wait(timeout=30)
+
+        start_worker()
+        yield {"address": address, "node_ips": {HEAD_IP, WORKER_IP}, "temp_dir": str(temp_dir),
+               "kill_worker": kill_worker, "start_worker": start_worker}
     finally:
         ray.shutdown()
         _stop_nodes(nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint: moto in server mode on loopback (credentials: the fake ones above).
+
+    Yields:
+        the endpoint URL, e.g. ``http://127.0.0.2:PORT``; create buckets with :func:`make_bucket`.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port(HEAD_IP)
+    server = ThreadedMotoServer(ip_address=HEAD_IP, port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://{HEAD_IP}:{port}"
+    finally:
+        server.stop()
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)

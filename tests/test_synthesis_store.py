@@ -1,0 +1,230 @@
+"""The synthesis plan, the Zarr store and check-store, through the sequential path (no Ray):
+deterministic ids, one writer per shard, resumable and idempotent runs, provenance, readers."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from engine.anatomy.labels import MYOCARDIUM, SCAR
+from engine.cli import main
+from engine.synthesis.check import check_store
+from engine.synthesis.config import SynthesisConfig
+from engine.synthesis.pipeline import SynthesisJob, synthesize
+from engine.synthesis.plan import build_shard_inputs, make_plan
+from engine.synthesis.store import (
+    StoreLayout,
+    SyntheticDataset,
+    completed_shards,
+    create_store,
+    open_store,
+    read_synthetic_arrays,
+    write_shard,
+)
+from engine.training.prepare import prepare_arrays
+from tests.synth_helpers import make_tiny_run, tiny_config
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def parts(base, tmp_path_factory):
+    return prepare_arrays(tiny_config(base, tmp_path_factory.mktemp("parts")))[0]
+
+
+@pytest.fixture(scope="module")
+def done_run(base, tmp_path_factory):
+    """One complete sequential run (threshold -1: every made candidate passes)."""
+    run = tmp_path_factory.mktemp("done")
+    cfg = tiny_config(base, run, ["synthesis.threshold=-1.0", "synthesis.max_candidates=18"])
+    summary = synthesize(cfg, sequential=True, log=lambda _: None)
+    return cfg, summary
+
+
+def test_plan_ids_are_deterministic_and_a_small_plan_is_a_prefix(parts):
+    train = parts["train"]
+    full = make_plan(train, 3, seed=5)
+    small = make_plan(train, 3, seed=5, max_candidates=7)
+    assert small.sample_ids == full.sample_ids[:7]
+    assert len(set(full.sample_ids)) == len(full)
+    assert all(sid.endswith("@5") for sid in full.sample_ids)
+    negatives = [s for s, p, lev in zip(train.source, train.positive, train.level) if not p and lev != "apex"]
+    assert len(full) == 3 * len(negatives)
+    # apex negatives are reported with the reason, never silently dropped
+    apex = {s for s, p, lev in zip(train.source, train.positive, train.level) if not p and lev == "apex"}
+    assert {s["source"] for s in full.skipped} == apex and all("apex" in s["reason"] for s in full.skipped)
+    assert make_plan(train, 3, seed=6).sample_ids != full.sample_ids
+
+
+def test_candidate_inputs_do_not_depend_on_their_shard(parts, base):
+    cfg = tiny_config(base, base / "unused")
+    plan = make_plan(parts["train"], 2, seed=0)
+    args = (plan.seed, cfg.scar_sampler, cfg.data, cfg.cohort.reference_angle)
+    alone = build_shard_inputs(plan.slices, plan.jobs[5:6], *args)
+    among = build_shard_inputs(plan.slices, plan.jobs[2:8], *args)
+    assert np.array_equal(alone["scar"][0], among["scar"][3])
+    assert json.loads(alone["meta"])["caption"][0] == json.loads(among["meta"])["caption"][3]
+    scar = among["scar"][:, 0].astype(bool)
+    labels = among["source_label"]
+    assert scar.any(axis=(1, 2)).all() and (labels[scar] == MYOCARDIUM).all()
+    assert (among["mask"][:, 0].astype(bool) >= scar).all()  # the inpainted region covers the scar
+
+
+def test_store_layout_and_one_writer_per_shard(tmp_path):
+    layout = StoreLayout(rows=10, height=8, width=8, shard_size=4)
+    assert layout.shards == 3 and layout.shard_rows(2) == (8, 10)
+    group = create_store(str(tmp_path / "s.zarr"), layout, {"candidates": 10})
+    rows = {"image": np.full((2, 8, 8), 0.5, np.float32), "label": np.zeros((2, 8, 8), np.uint8),
+            "condition": np.zeros((2, 8, 8), np.uint8), "dice": np.zeros(2, np.float32), "passed": np.zeros(2, bool),
+            "seed": np.arange(2), "sample_id": ["a", "b"], "source": ["p/1", "p/1"], "caption": ["", ""],
+            "spec": ["{}", "{}"], "skip_reason": ["", ""]}
+    assert write_shard(group, 2, rows) == 2
+    assert completed_shards(group).tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="has \\(2,\\) rows, the shard holds 4"):
+        write_shard(group, 0, rows)
+    assert not completed_shards(group)[0]
+    # one chunk per sample, one shard object per shard
+    image = zarr.open_group(str(tmp_path / "s.zarr"))["image"]
+    assert image.chunks == (1, 8, 8) and image.shards == (4, 8, 8)
+    assert sorted(os.listdir(tmp_path / "s.zarr" / "image" / "c")) == ["2"]
+
+
+def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
+    cfg, summary = done_run
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    assert summary["candidates"] == 18 and summary["shards_complete"] == summary["shards"] == 5
+    assert summary["kept"] == summary["made"] and summary["written"] == 18
+    group = zarr.open_group(url, mode="r")  # plain zarr reads it
+    attrs = group.attrs["lgesynth"]
+    assert set(attrs["content"]["checkpoints"]) == {"reward", "vae", "unet", "controlnet"}
+    assert attrs["engine_version"] and attrs["seed"] == 0 and attrs["complete"] is True
+    assert "storage_options" not in attrs["config"]
+    ids = [str(s) for s in group["sample_id"][:]]
+    assert len(set(ids)) == 18 and all("#" in s and s.endswith("@0") for s in ids)
+    # the kept region is the input slice exactly, the scar is the filter's prediction in the myocardium
+    label = group["label"][:]
+    assert np.isin(label, (0, 1, 2, 3)).all() and set(np.unique(label)) >= {1, 2}
+    summary_check, problems = check_store(url)
+    assert problems == [] and summary_check["unique_ids"] == 18
+
+
+def test_kept_region_equals_the_source_slice(done_run, parts):
+    cfg, _ = done_run
+    group = zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")
+    plan = make_plan(parts["train"], 2, seed=0, max_candidates=18)
+    inputs = build_shard_inputs(plan.slices, plan.jobs[:4], 0, cfg.scar_sampler, cfg.data, cfg.cohort.reference_angle)
+    source = (inputs["image"][:, 0] + 1) / 2
+    outside = inputs["mask"][:, 0] == 0
+    assert np.allclose(group["image"][:4][outside], source[outside], atol=1e-6)
+    assert np.array_equal(group["condition"][:4], inputs["condition"][:, 0])
+
+
+def test_rerun_is_idempotent_and_resumes_a_lost_shard(done_run):
+    cfg, _ = done_run
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    again = synthesize(cfg, sequential=True, log=lambda _: None)
+    assert again["written"] == 0 and again["candidates"] == 18
+    before = zarr.open_group(url)["image"][:]
+    marker = Path(url) / "shard_complete" / "c" / "3"
+    marker.unlink()  # as if the writer of shard 3 died before marking it complete
+    shard3 = Path(url) / "image" / "c" / "3" / "0" / "0"
+    other = Path(url) / "image" / "c" / "1" / "0" / "0"
+    mtime_other = other.stat().st_mtime_ns
+    resumed = synthesize(cfg, sequential=True, log=lambda _: None)
+    assert resumed["written"] == 4 and resumed["shards_complete"] == 5
+    assert other.stat().st_mtime_ns == mtime_other and shard3.exists()
+    assert np.array_equal(zarr.open_group(url)["image"][:], before)
+    assert check_store(url)[1] == []
+
+
+def test_store_of_another_config_is_refused(done_run, base):
+    cfg, _ = done_run
+    other = tiny_config(base, Path(cfg.run_dir), ["synthesis.threshold=0.3", "synthesis.max_candidates=18"])
+    with pytest.raises(ValueError, match="synthesis.threshold: -1.0 -> 0.3"):
+        synthesize(other, sequential=True, log=lambda _: None)
+
+
+def test_rejected_candidates_keep_only_metadata_unless_asked(base, tmp_path):
+    for keep in (False, True):
+        cfg = tiny_config(base, tmp_path / str(keep), ["synthesis.threshold=0.999", "synthesis.max_candidates=4",
+                                                        f"synthesis.keep_rejected={str(keep).lower()}"])
+        summary = synthesize(cfg, sequential=True, log=lambda _: None)
+        group = zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")
+        assert summary["kept"] == 0 and not group["passed"][:].any()
+        assert all(str(c) for c in group["caption"][:]) and np.isfinite(group["dice"][:]).all()
+        assert (group["image"][:].max(axis=(1, 2)) > 0).all() == keep
+        assert check_store(cfg.synthesis.store_url(cfg.run_dir))[1] == []
+
+
+def test_memory_store_and_readers(base, tmp_path):
+    cfg = tiny_config(base, tmp_path, ["synthesis.store=memory://readers/synthetic.zarr", "synthesis.threshold=-1.0",
+                                       "synthesis.max_candidates=6"])
+    summary = synthesize(cfg, sequential=True, log=lambda _: None)
+    url = "memory://readers/synthetic.zarr"
+    assert summary["store"] == url and summary["kept"] == 6
+    arrays = read_synthetic_arrays(url)
+    assert arrays["image"].shape == (6, 1, 64, 64) and len(arrays["sample_id"]) == 6
+    from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
+
+    ds = SyntheticDataset(url, transform=Compose([ScaleIntensityd(keys="image"), EnsureTyped(keys=["image", "label"])]))
+    sample = ds[2]
+    assert len(ds) == 6 and tuple(sample["image"].shape) == (1, 64, 64) and sample["sample_id"] == arrays["sample_id"][2]
+    assert {"caption", "dice", "source", "label"} <= set(sample) and (sample["label"] >= SCAR).any() == (arrays["label"][2] >= SCAR).any()
+
+
+def test_credentials_in_storage_options_are_refused():
+    with pytest.raises(ValueError, match="must not hold credentials \\(client_kwargs.aws_secret_access_key\\)"):
+        SynthesisConfig(storage_options={"client_kwargs": {"aws_secret_access_key": "x"}})
+
+
+def _corrupt(url: str, what: str) -> None:
+    group = open_store(url, "r+")
+    if what == "nan":
+        image = group["image"][0]
+        image[3, 3] = np.nan
+        group["image"][0] = image
+    elif what == "label":
+        label = group["label"][1]
+        label[0, 0] = 9
+        group["label"][1] = label
+    elif what == "duplicate":
+        group["sample_id"][5] = str(group["sample_id"][4])
+    elif what == "incomplete":
+        group["shard_complete"][1] = 0
+    elif what == "passed":
+        group["passed"][2] = not bool(group["passed"][2])
+
+
+@pytest.mark.parametrize("what, message", [
+    ("nan", "image holds NaN"), ("label", "label values outside"), ("duplicate", "duplicate sample id"),
+    ("incomplete", "shard(s) incomplete: 1"), ("passed", "passed disagrees with dice"),
+])
+def test_check_store_reports_each_kind_of_damage(done_run, tmp_path, capsys, what, message):
+    import shutil
+
+    cfg, _ = done_run
+    url = str(tmp_path / "copy.zarr")
+    shutil.copytree(cfg.synthesis.store_url(cfg.run_dir), url)
+    assert main(["check-store", url]) == 0
+    _corrupt(url, what)
+    capsys.readouterr()
+    assert main(["check-store", url]) == 1
+    out = capsys.readouterr().out
+    assert message in out and url in out
+
+
+def test_check_store_on_a_missing_store(tmp_path, capsys):
+    assert main(["check-store", str(tmp_path / "nothing.zarr")]) == 1
+    assert "cannot open the synthetic store" in capsys.readouterr().out
+
+
+def test_job_refuses_a_generator_of_another_crop_size(base, tmp_path):
+    cfg = tiny_config(base, tmp_path, ["data.crop_size=96"])
+    with pytest.raises(ValueError, match="trained on 64 px crops"):
+        SynthesisJob(cfg)
