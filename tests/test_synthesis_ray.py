@@ -1,0 +1,183 @@
+"""The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
+sequential loop, on a local path, memory:// and a real S3 endpoint (moto), and exactly once through
+a killed diffusion actor, a killed worker node and a killed driver."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from engine.config import dump_config
+from engine.synthesis.check import check_store
+from engine.synthesis.pipeline import synthesize
+from engine.synthesis.store import completed_shards, open_store, read_store_dataset
+from tests.conftest import make_bucket
+from tests.synth_helpers import make_tiny_run, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+QUIET = lambda _: None  # noqa: E731
+# slow enough (many sampler steps, small shards) that a failure lands in the middle of the run
+SLOW = ["synthesis.shard_size=2", "synthesis.num_inference_steps=12", "synthesis.max_candidates=20"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("synth_ray"))
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory):
+    """The sequential loop's store of the first 12 candidates (threshold -1: all kept)."""
+    cfg = tiny_config(base, tmp_path_factory.mktemp("reference"), ["synthesis.max_candidates=12", "synthesis.threshold=-1.0"])
+    synthesize(cfg, sequential=True, log=QUIET)
+    return zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")
+
+
+def _same_store(url: str, reference, storage_options=None) -> None:
+    group = open_store(url, "r", storage_options)
+    for name in ("sample_id", "caption", "source", "label", "condition", "passed"):
+        assert np.array_equal(group[name][:], reference[name][:]), name
+    np.testing.assert_allclose(group["image"][:], reference["image"][:], atol=1e-5)
+    np.testing.assert_allclose(group["dice"][:], reference["dice"][:], atol=1e-6)
+
+
+def test_ray_pipeline_on_s3_equals_the_sequential_loop(ray_cluster, base, tmp_path, s3_endpoint, reference, capsys):
+    make_bucket(s3_endpoint, "synth")
+    url = "s3://synth/run/synthetic.zarr"
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}",
+                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}"])
+    summary = synthesize(cfg, log=QUIET)
+    assert summary["written"] == 12 and summary["kept"] == 12 and summary["candidates_per_s"] > 0
+    options = {"endpoint_url": s3_endpoint}
+    _same_store(url, reference, options)
+    assert check_store(url, options)[1] == []
+    from engine.cli import main
+
+    capsys.readouterr()
+    assert main(["check-store", url, "--storage-option", f"endpoint_url={s3_endpoint}"]) == 0
+    assert '"problems": 0' in capsys.readouterr().out
+    rows = read_store_dataset(url, storage_options=options).take_all()
+    assert sorted(r["sample_id"] for r in rows) == sorted(str(s) for s in reference["sample_id"][:])
+    assert rows[0]["image"].shape == (1, 64, 64)
+
+
+def test_ray_pipeline_into_a_process_local_memory_store(ray_cluster, base, tmp_path, reference):
+    url = "memory://ray-test/synthetic.zarr"
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}"])
+    summary = synthesize(cfg, log=QUIET)
+    assert summary["written"] == 12
+    _same_store(url, reference)
+
+
+def _pids(text: str) -> list[int]:
+    """Processes of this machine whose command line holds ``text`` (Ray sets actors' titles)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                out.append(int(entry))
+    return out
+
+
+def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0) -> dict:
+    """Run ``action()`` in a thread once ``count`` shards of ``url`` are complete; what it saw."""
+    seen: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done = completed_shards(open_store(url, "r"))
+            except ValueError:
+                done = np.zeros(0, bool)
+            if done.size and done.sum() >= count:
+                seen["complete_at_action"] = int(done.sum())
+                seen["total"] = int(done.size)
+                seen["result"] = action()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    seen["thread"] = thread
+    return seen
+
+
+def _exactly_once(cfg, total: int) -> None:
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    summary, problems = check_store(url)
+    assert problems == [] and summary["rows"] == total and summary["unique_ids"] == total
+
+
+def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, tmp_path):
+    cfg = tiny_config(base, tmp_path, SLOW)
+    url = cfg.synthesis.store_url(cfg.run_dir)
+
+    def kill_actor():
+        pids = _pids("DiffusionActor")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    seen = _when_shards_complete(url, 2, kill_actor)
+    summary = synthesize(cfg, log=QUIET)
+    seen["thread"].join(5)
+    assert seen["result"], "no diffusion actor process was found to kill"
+    assert seen["complete_at_action"] < seen["total"], "the run ended before the actor was killed"
+    assert summary["written"] == 20 and summary["shards_complete"] == 10
+    _exactly_once(cfg, 20)
+
+
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path):
+    cfg = tiny_config(base, tmp_path, SLOW)
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    seen = _when_shards_complete(url, 2, lambda: ray_cluster["kill_worker"]() or True)
+    try:
+        summary = synthesize(cfg, log=QUIET)
+        seen["thread"].join(5)
+        assert seen.get("result"), "the worker node was not killed"
+        assert seen["complete_at_action"] < seen["total"], "the run ended before the node was killed"
+        assert summary["written"] == 20 and summary["shards_complete"] == 10
+        _exactly_once(cfg, 20)
+    finally:
+        seen["thread"].join(60)
+        ray_cluster["start_worker"]()
+
+
+def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path):
+    cfg = tiny_config(base, tmp_path, SLOW)
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    config = tmp_path / "run.yaml"
+    dump_config(cfg, config)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1])}
+    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen = _when_shards_complete(url, 2, lambda: os.killpg(driver.pid, signal.SIGKILL) or True)
+    try:
+        driver.wait(timeout=300)
+        seen["thread"].join(5)
+        assert seen.get("result"), "the driver finished before it could be killed"
+        group = open_store(url, "r")
+        done = completed_shards(group)
+        assert 0 < done.sum() < done.size
+        kept_files = {i: (Path(url) / "sample_id" / "c" / str(i)) for i in np.flatnonzero(done)}
+        mtimes = {i: p.stat().st_mtime_ns for i, p in kept_files.items()}
+        missing_rows = sum(min(2, 20 - 2 * int(i)) for i in np.flatnonzero(~done))
+        summary = synthesize(cfg, log=QUIET)
+        assert summary["written"] == missing_rows and summary["shards_complete"] == 10
+        assert {i: p.stat().st_mtime_ns for i, p in kept_files.items()} == mtimes  # not rewritten
+        _exactly_once(cfg, 20)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
