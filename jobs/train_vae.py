@@ -7,9 +7,23 @@ Inside a submitted job RAY_ADDRESS is set, so the trainer joins the cluster it r
 the same job again continues from the run's latest checkpoint.
 """
 
+import argparse
 import sys
 
-from engine.cli import main
+from engine.cli import main as cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the vae model of a run on Ray Train.")
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/paper.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli(["train", "vae", "--config", args.config, *args.overrides])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "vae", *sys.argv[1:]]))
+    sys.exit(main())

@@ -228,3 +228,17 @@ def test_job_refuses_a_generator_of_another_crop_size(base, tmp_path):
     cfg = tiny_config(base, tmp_path, ["data.crop_size=96"])
     with pytest.raises(ValueError, match="trained on 64 px crops"):
         SynthesisJob(cfg)
+
+
+@pytest.mark.parametrize("job", ["synthesize", "train_reward", "train_vae", "train_generator", "train_downstream"])
+def test_job_entrypoints_take_a_config_and_overrides(job):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "jobs" / f"{job}.py"
+    spec = importlib.util.spec_from_file_location(f"job_{job}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--config", "configs/demo.yaml", "seed=3", "synthesis.seed=1"])
+    assert args.config == "configs/demo.yaml" and args.overrides == ["seed=3", "synthesis.seed=1"]
+    with pytest.raises(SystemExit):
+        module.parse_args([])

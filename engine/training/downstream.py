@@ -29,8 +29,8 @@ class DownstreamStageConfig:
         model: the DenseNet121 U-Net.
         loop: epochs, batch size, optimizer (``balanced`` on by default).
         ray: workers and resources.
-        synthetic: path or URL of a synthetic store (empty: real only).
-        n_synthetic: filtered synthetic samples added to the real training slices.
+        synthetic: path or URL of a synthetic store (empty: the run's own, ``synthesis.store``).
+        n_synthetic: filtered synthetic samples added to the real training slices (0: real only).
         detection_min_pixels: predicted scar pixels (summed over a patient's slices) above which a
             patient counts as positive.
         name: the run name (``<run_dir>/<name>/``), so real-only and mixed models can live side by side.
@@ -47,8 +47,6 @@ class DownstreamStageConfig:
     def __post_init__(self) -> None:
         if self.n_synthetic < 0:
             raise ValueError(f"n_synthetic must be >= 0, got {self.n_synthetic}")
-        if self.n_synthetic and not self.synthetic:
-            raise ValueError("n_synthetic > 0 needs a synthetic store path (synthetic)")
         if self.detection_min_pixels < 0:
             raise ValueError(f"detection_min_pixels must be >= 0, got {self.detection_min_pixels}")
 
@@ -92,7 +90,7 @@ def downstream_worker(config: dict[str, Any]) -> None:
     train_segmentation_model(
         config, setup, name=STAGE, net=net, loss_fn=downstream_loss_fn(stage.model), outputs="scar+myocardium",
         input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
-        export_record={"n_synthetic": stage.n_synthetic, "synthetic": stage.synthetic,
+        export_record={"n_synthetic": stage.n_synthetic, "synthetic": config["synthetic"],
                        "detection_min_pixels": stage.detection_min_pixels,
                        "synthetic_sources": config["synthetic_sources"]},
     )
@@ -107,8 +105,10 @@ def train_downstream(cfg) -> dict[str, Any]:
 
     parts, _ = prepare_arrays(cfg)
     stage: DownstreamStageConfig = cfg.downstream
-    synthetic = read_synthetic_arrays(stage.synthetic) if stage.n_synthetic else None
+    url = stage.synthetic or cfg.synthesis.store_url(cfg.run_dir)
+    options = cfg.synthesis.storage_options if url == cfg.synthesis.store_url(cfg.run_dir) else None
+    synthetic = read_synthetic_arrays(url, storage_options=options) if stage.n_synthetic else None
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
     sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic)) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
-                  extra={"synthetic_sources": sources})
+                  extra={"synthetic_sources": sources, "synthetic": url if stage.n_synthetic else ""})
