@@ -12,19 +12,12 @@ from engine.config import apply_overrides, from_dict
 from engine.phantom import write_phantom_cohort
 from engine.phantom.config import PhantomConfig
 from engine.settings import EngineConfig
+from tests.synth_helpers import TINY_MODELS
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 TINY = [
-    "data.crop_size=64", "data.augment=true",
-    "reward.model.channels=[8,16,32]", "reward.model.strides=[2,2]", "reward.model.num_res_units=1",
-    "vae.model.block_out_channels=[16,32]", "vae.model.norm_num_groups=8",
-    "generator.model.text_encoder.kind=tiny-random", "generator.model.unet.cross_attention_dim=32",
-    "generator.model.unet.block_out_channels=[16,32]", "generator.model.unet.layers_per_block=1",
-    "generator.model.unet.attention_head_dim=8", "generator.model.unet.norm_num_groups=8",
-    "generator.model.controlnet.conditioning_embedding_out_channels=[8,16]",
-    "generator.model.num_inference_steps=2", "generator.model.reward_t_max_fraction=1.0",
-    "generator.preview_count=4",
+    *TINY_MODELS, "data.augment=true", "generator.model.reward_t_max_fraction=1.0", "generator.preview_count=4",
     "downstream.model.init_features=8", "downstream.model.growth_rate=4",
     "downstream.model.block_config=[1,1,1,1]", "downstream.model.decoder_channels=[16,8,8,8,4]",
 ]
