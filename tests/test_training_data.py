@@ -230,7 +230,7 @@ def test_synthesis_candidates_cover_every_negative_slice(arrays, candidates):
     m = len(c["sample_id"])
     assert m + len(c["skipped"]) == K * len(negatives)
     assert len(set(c["sample_id"])) == m and len(set(c["seed"].tolist())) == m
-    requested = {f"{s}#{d}" for s in negatives for d in range(K)}
+    requested = {f"{s}#{d}@7" for s in negatives for d in range(K)}
     assert set(c["sample_id"]) | {s["sample_id"] for s in c["skipped"]} == requested
     for sid, src in zip(c["sample_id"], c["source"]):
         assert sid.rsplit("#", 1)[0] == src
@@ -261,7 +261,7 @@ def test_synthesis_candidates_masks_labels_conditions_and_captions(arrays, candi
     np.testing.assert_array_equal(c["image"], arrays.image[rows] * 2 - 1)
     assert c["caption"] == [caption(lab, lev, 120.0) for lab, lev in zip(c["label"], c["level"])]
     assert all("Enhancement in" in t for t in c["caption"])
-    assert c["seed"][0] == derive_seed(7, c["source"][0], int(c["sample_id"][0].rsplit("#", 1)[1]))
+    assert c["seed"][0] == derive_seed(7, c["source"][0], int(c["sample_id"][0].rsplit("#", 1)[1].split("@")[0]))
 
 
 def test_synthesis_candidates_are_deterministic_and_order_independent(arrays, candidates):

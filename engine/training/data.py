@@ -51,8 +51,8 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
 from engine.anatomy.captions import caption
-from engine.anatomy.labels import MYOCARDIUM, VALID_LABELS, scar_region
-from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map, sample_scar
+from engine.anatomy.labels import VALID_LABELS, scar_region
+from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map
 from engine.io.crop import LVCentredCrop
 
 __all__ = [
@@ -405,22 +405,17 @@ def inpainting_arrays(arrays: SliceArrays, cfg: SliceDataConfig | None = None) -
     }
 
 
-def _source_key(source: str, draw: int) -> tuple:
-    """Sort key of ``"patient/slice"`` + draw: patient, then slice number, then draw."""
-    pid, _, index = source.rpartition("/")
-    return (pid, int(index), "", draw) if index.isdigit() else (pid, -1, index, draw)
-
-
 def synthesis_candidates(
     arrays: SliceArrays, sampler_cfg: ScarSamplerConfig | None = None, k: int = 1, seed: int = 0,
     reference_angle: float = 120.0, cfg: SliceDataConfig | None = None,
 ) -> dict[str, Any]:
     """Inputs of the synthesis stage: ``k`` parametric scars on each negative slice (DOMAIN.md section 4).
 
-    Candidate ``draw`` of slice ``source`` has the sample id ``f"{source}#{draw}"`` and draws its scar
-    with the seed ``derive_seed(seed, source, draw)``, so it depends only on that slice, the seed and
-    the draw: never on which other slices are present or their order. Rows are sorted by patient,
-    slice number and draw.
+    The synthesis plan's candidates (:mod:`engine.synthesis.plan`), all at once: candidate ``draw`` of
+    slice ``source`` has the sample id ``f"{source}#{draw}@{seed}"`` and draws its scar with the seed
+    ``derive_seed(seed, source, draw)``, so it depends only on that slice, the seed and the draw:
+    never on which other slices are present or their order. Rows are sorted by patient, slice
+    number and draw.
 
     Every requested id ends up either in the candidates or in ``skipped``: negative apex slices (no
     AHA ring to place a scar in) and draws where no scar fits (:func:`engine.anatomy.sample_scar`
@@ -444,53 +439,41 @@ def synthesis_candidates(
         ``masked_image`` float32 [M, 1, S, S]; ``pixel_area_mm2`` float32 [M]; ``skipped``: dicts
         ``{"sample_id", "source", "reason"}``.
     """
+    import json
+
+    from engine.synthesis.plan import build_shard_inputs, make_plan
+
     cfg = cfg or SliceDataConfig()
     sampler_cfg = sampler_cfg or ScarSamplerConfig()
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"synthesis_candidates: k must be an integer >= 1, got {k!r}")
-    jobs = sorted(((arrays.source[i], d, i) for i in np.flatnonzero(~arrays.positive) for d in range(int(k))),
-                  key=lambda job: _source_key(job[0], job[1]))
-    rows: list[int] = []
-    sample_ids, seeds, specs, scars, skipped = [], [], [], [], []
-    for source, draw, i in jobs:
-        sample_id = f"{source}#{draw}"
-        level = arrays.level[i]
-        if level not in SCAR_LEVELS:
-            skipped.append({"sample_id": sample_id, "source": source,
-                            "reason": f"{level} slice: scars are drawn on {', '.join(SCAR_LEVELS)} slices only"})
-            continue
-        sample_seed = derive_seed(seed, source, draw)
-        try:
-            scar, spec = sample_scar(arrays.label[i], level, np.random.default_rng(sample_seed), sampler_cfg, reference_angle)
-        except ValueError as e:
-            skipped.append({"sample_id": sample_id, "source": source, "reason": str(e)})
-            continue
-        rows.append(int(i))
-        sample_ids.append(sample_id)
-        seeds.append(sample_seed)
-        specs.append(dict(vars(spec)))
-        scars.append(scar & (arrays.label[i] == MYOCARDIUM))
-    idx = np.asarray(rows, np.int64)
-    s = arrays.crop_size
-    scar = np.stack(scars) if scars else np.zeros((0, s, s), bool)
-    label = np.stack([apply_scar(arrays.label[i], m) for i, m in zip(rows, scars)]) if rows else np.zeros((0, s, s), np.uint8)
-    mask = dilate_masks(scar, cfg.mask_dilation)
-    image = arrays.image[idx] * np.float32(2.0) - np.float32(1.0)
+    plan = make_plan(arrays, int(k), seed)
+    inputs = build_shard_inputs(plan.slices, plan.jobs, seed, sampler_cfg, cfg, reference_angle)
+    meta = json.loads(inputs["meta"])
+    made = np.asarray([not reason for reason in meta["skip_reason"]], bool)
+    skipped = list(plan.skipped) + [{"sample_id": i, "source": src, "reason": r}
+                                    for i, src, r in zip(meta["sample_id"], meta["source"], meta["skip_reason"]) if r]
+    rows = plan.jobs[made, 0]
+    slices, scar = plan.slices, inputs["scar"][made]
+    s = slices.crop_size
+    label = (np.stack([apply_scar(slices.label[r], m[0] > 0) for r, m in zip(rows, scar)]) if len(rows)
+             else np.zeros((0, s, s), np.uint8))
+    kept = lambda key: [v for v, m in zip(meta[key], made) if m]  # noqa: E731
     return {
-        "sample_id": sample_ids,
-        "source": [arrays.source[i] for i in rows],
-        "patient_id": [arrays.patient_id[i] for i in rows],
-        "level": [arrays.level[i] for i in rows],
-        "seed": np.asarray(seeds, np.int64),
-        "spec": specs,
-        "image": image,
-        "scar": scar[:, None].astype(np.uint8),
+        "sample_id": kept("sample_id"),
+        "source": kept("source"),
+        "patient_id": [slices.patient_id[r] for r in rows],
+        "level": [slices.level[r] for r in rows],
+        "seed": np.asarray(meta["seed"], np.int64).reshape(-1)[made],
+        "spec": [json.loads(spec) for spec in kept("spec")],
+        "image": inputs["image"][made],
+        "scar": scar,
         "label": label,
-        "condition": _conditions(scar, cfg)[:, None].astype(np.uint8),
-        "mask": mask[:, None].astype(np.uint8),
-        "masked_image": masked_image(image, mask[:, None].astype(np.float32)),
-        "caption": [caption(lab, arrays.level[i], reference_angle, cfg.caption_mode) for i, lab in zip(rows, label)],
-        "pixel_area_mm2": arrays.pixel_area_mm2[idx],
+        "condition": inputs["condition"][made],
+        "mask": inputs["mask"][made],
+        "masked_image": inputs["masked_image"][made],
+        "caption": kept("caption"),
+        "pixel_area_mm2": slices.pixel_area_mm2[rows],
         "skipped": skipped,
     }
 
