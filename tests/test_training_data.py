@@ -294,7 +294,7 @@ def test_slices_where_no_scar_fits_are_reported():
     rca_only = ScarSamplerConfig(pattern_weights={"ischemic": 1.0}, territory_weights={"RCA": 1.0}, max_tries=3)
     out = synthesis_candidates(ring_arrays(label), rca_only, k=2, seed=0)
     assert out["sample_id"] == [] and out["image"].shape == (0, 1, S, S)
-    assert [s["sample_id"] for s in out["skipped"]] == ["Ring/0#0", "Ring/0#1"]
+    assert [s["sample_id"] for s in out["skipped"]] == ["Ring/0#0@0", "Ring/0#1@0"]
     assert all("no scar fits" in s["reason"] for s in out["skipped"])
     with pytest.raises(ValueError, match="k must be"):
         synthesis_candidates(ring_arrays(label), rca_only, k=0)
