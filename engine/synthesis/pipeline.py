@@ -222,10 +222,13 @@ class SynthesisJob:
         diffusion_args, filter_args = self.actor_args()
         diffusion, filt = DiffusionActor(**diffusion_args), FilterActor(**filter_args)
         group = open_store(self.url, "r+", self.syn.storage_options)
-        for shard in todo:
+        start, every = time.perf_counter(), max(1, len(todo) // 10)
+        for n, shard in enumerate(todo, 1):
             batch = filt(diffusion(prepare_shards({"shard": np.asarray([shard])}, self.context)))
             shard_id, rows = unpack_store_rows({k: v[0] for k, v in batch.items()})
             write_shard(group, shard_id, rows, self.layout)
+            if n % every == 0 or n == len(todo):
+                log(f"synthesis: {n}/{len(todo)} shards written ({time.perf_counter() - start:.1f} s)")
 
 
 def summarize(group) -> dict[str, Any]:
