@@ -242,3 +242,13 @@ def test_job_entrypoints_take_a_config_and_overrides(job):
     assert args.config == "configs/demo.yaml" and args.overrides == ["seed=3", "synthesis.seed=1"]
     with pytest.raises(SystemExit):
         module.parse_args([])
+
+
+def test_synthesize_without_trained_models_is_a_clear_error(base, tmp_path, capsys):
+    from engine.config import dump_config
+
+    cfg = tiny_config(base, tmp_path, [f"synthesis.generator={tmp_path / 'nothing'}"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert main(["synthesize", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing/unet.json: missing; train the unet model first" in err

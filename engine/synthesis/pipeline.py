@@ -63,7 +63,7 @@ def checkpoint_hashes(folders: dict[str, Path]) -> dict[str, str]:
     for name, folder in folders.items():
         record = Path(folder) / f"{name}.json"
         if not record.is_file():
-            raise FileNotFoundError(f"{record}: missing; train the {name} model first (or point the config at it)")
+            raise ValueError(f"{record}: missing; train the {name} model first (or point the config at it)")
         out[name] = json.loads(record.read_text())["sha256"]
     return out
 
@@ -133,6 +133,9 @@ class SynthesisJob:
         if parts is None:
             parts, _ = prepare_arrays(cfg)
         self.plan = make_plan(parts[syn.split], syn.candidates_per_slice, syn.seed, syn.max_candidates)
+        if not len(self.plan):
+            raise ValueError(f"{cfg.cohort.root}: the {syn.split} patients have no negative basal, mid or apical slice "
+                             "to synthesize on")
         self.layout = self.plan.layout(syn.shard_size)
         self.url = syn.store_url(cfg.run_dir)
         self.context = PlanContext(slices=self.plan.slices, jobs=self.plan.jobs, seed=syn.seed,
