@@ -115,7 +115,8 @@ class RewardModelConfig:
 
 
 class ScarRewardModel(nn.Module):
-    """MONAI ``UNet`` (2D, one input channel) with a loud input check; ``self.config`` is its saved config.
+    """MONAI ``UNet`` (2D, one input channel, ``channels[0]`` output features) and a 1x1 convolution
+    to the logits, with a loud input check; ``self.config`` is its saved config.
 
     Args:
         config: The architecture.
@@ -131,20 +132,27 @@ class ScarRewardModel(nn.Module):
         from monai.networks.nets import UNet
 
         self.config = config
+        # The UNet returns channels[0] features and a 1x1 convolution maps them to the logits. Asked for
+        # the logits directly, MONAI's UNet (with residual units) would pass its last transposed
+        # convolution through norm + activation with only num_outputs channels, then one 3x3 conv:
+        # a 2-channel bottleneck at full resolution whose batch/instance norm rescales the logits
+        # themselves. On the phantom that head barely learned the 2-3 pixel wide myocardium and scar
+        # (benchmarks/RESULTS.md, reward model section).
         self.unet = UNet(
             spatial_dims=2,
             in_channels=1,
-            out_channels=config.num_outputs,
+            out_channels=config.channels[0],
             channels=config.channels,
             strides=config.strides,
             num_res_units=config.num_res_units,
             norm=config.norm,
             dropout=config.dropout,
         )
+        self.head = nn.Conv2d(config.channels[0], config.num_outputs, kernel_size=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, self.config.size_multiple, "reward model")
-        return self.unet(images)
+        return self.head(self.unet(images))
 
 
 def build_reward_model(config: RewardModelConfig) -> ScarRewardModel:

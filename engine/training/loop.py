@@ -3,7 +3,7 @@
 One loop for the reward model, the VAE, the generator and the downstream model; each stage supplies
 its dataset, a ``step_fn(batch) -> {"loss": tensor, ...}`` and a ``validate_fn() -> metrics``. The
 loop owns what they share: per-rank deterministic sampling (``DistributedSampler`` or class-balanced
-weighted draws), AdamW, gradient clipping, bf16 autocast on GPU, cross-rank averaging of losses, a
+weighted draws), AdamW (constant or warm-up + cosine learning rate), gradient clipping, bf16 autocast on GPU, cross-rank averaging of losses, a
 checkpoint every ``checkpoint_every_steps`` steps and at every epoch end, and resuming mid-epoch
 from the latest checkpoint (the batches already seen in that epoch are skipped, not repeated).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +35,14 @@ class TrainLoopConfig:
         seed: sampling and initialisation seed.
         max_steps: stop after this many optimizer steps in total (0: no limit).
         balanced: draw positive and negative slices equally often (segmentation stages).
+        schedule: learning rate over the run: ``"constant"`` (``lr`` throughout) or ``"cosine"``
+            (linear warm-up over the first ``WARMUP_FRACTION`` of the steps, then cosine decay
+            to 0 at the last step; Loshchilov & Hutter 2017). The rate is a function of the step
+            alone, so a resumed run continues on the same curve.
 
     Example:
         >>> TrainLoopConfig(epochs=5, batch_size=16, lr=3e-4)
-        TrainLoopConfig(epochs=5, batch_size=16, lr=0.0003, weight_decay=0.0001, grad_clip=1.0, seed=0, max_steps=0, balanced=False)
+        TrainLoopConfig(epochs=5, batch_size=16, lr=0.0003, weight_decay=0.0001, grad_clip=1.0, seed=0, max_steps=0, balanced=False, schedule='constant')
     """
 
     epochs: int = 10
@@ -49,6 +53,7 @@ class TrainLoopConfig:
     seed: int = 0
     max_steps: int = 0
     balanced: bool = False
+    schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -58,6 +63,22 @@ class TrainLoopConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.max_steps < 0:
             raise ValueError("weight_decay, grad_clip and max_steps must be >= 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+
+
+WARMUP_FRACTION = 0.05
+
+
+def learning_rate(loop: TrainLoopConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps`` under ``loop.schedule``."""
+    if loop.schedule == "constant":
+        return loop.lr
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return loop.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup + 1) / max(1, total_steps - warmup))
+    return loop.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def epoch_indices(n: int, epoch: int, rank: int, world: int, seed: int, weights: np.ndarray | None) -> list[int]:
@@ -124,6 +145,9 @@ def train_epochs(
     every = ctx.train.checkpoint_every_steps
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     stop = loop.max_steps and step >= loop.max_steps
+    total_steps = loop.epochs * math.ceil(math.ceil(len(dataset) / world) / loop.batch_size)
+    if loop.max_steps:
+        total_steps = min(total_steps, loop.max_steps)
 
     def checkpoint(values: dict[str, Any], batch_in_epoch: int, epoch_now: int) -> None:
         report(values, models=models, optimizers={"optimizer": optimizer}, config=config, checkpoint=True,
@@ -148,6 +172,8 @@ def train_epochs(
             losses["loss"].backward()
             if loop.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(parameters), loop.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(loop, step, total_steps)
             optimizer.step()
             step += 1
             batch_in_epoch += 1
