@@ -1,0 +1,615 @@
+"""Synthesis throughput, overheads and memory on a phantom cohort with untrained models (CPU).
+
+Model sizes come from ``--config`` (configs/demo.yaml: 96 px crops, packaged MiniLM captions);
+weights are random (``engine.models.untrained``): throughput does not depend on what they learned.
+Every pipeline run writes a fresh store. Figures (``--only`` picks some):
+
+1. Ray Data pipeline (2 diffusion actors x 1 torch thread, 1 filter actor x 1 thread) vs the
+   sequential loop over the same models in one process (torch's default threads), candidates/s of
+   the same ``--candidates``; the pipeline figure with and without Ray start-up.
+2. One diffusion actor's ``generate`` vs diffusers' stock ``StableDiffusionControlNetInpaintPipeline``
+   on the same UNet, ControlNet, VAE, scheduler, caption states, batch and steps (1 torch thread
+   each, the actor's setting; warmed up; median of ``--repeats``).
+3. End-to-end pipeline vs the same pipeline with the filter pool and the Zarr writer replaced by a
+   sink that drops the generated rows: the ratio is what filtering and writing add to generation.
+4. Peak RSS (VmHWM) of the driver and of the Ray worker processes for N and 10N candidates, each run
+   in a fresh process with its own Ray instance (``--rss-steps`` sampler steps to keep 10N short).
+5. Zarr write throughput (``create_store`` + ``write_shard``) vs a raw fsspec ``pipe`` of the same
+   encoded objects, shard by shard, to a local folder and to S3 (moto server on 127.0.0.2).
+
+Usage: python benchmarks/bench_synthesis.py [--candidates 128] [--steps 10] [--repeats 5] [--only 1,2,3,4,5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+POOLS = [  # fit a 2-CPU local Ray instance: 2 x 0.5 + 0.5 + 2 x 0.25 (preparation and write tasks)
+    "synthesis.diffusion.actors=2", "synthesis.diffusion.num_cpus=0.5", "synthesis.diffusion.torch_threads=1",
+    "synthesis.filter.actors=1", "synthesis.filter.num_cpus=0.5", "synthesis.filter.torch_threads=1",
+    "synthesis.prepare_cpus=0.25",
+]
+SEQUENTIAL = ["synthesis.diffusion.torch_threads=0", "synthesis.filter.torch_threads=0"]  # 0: torch's default
+S3_IP = "127.0.0.2"
+
+
+def quiet(_: str) -> None:
+    """A ``log`` for :func:`synthesize` that prints nothing (the benchmark prints its own lines)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="1,2,3,4,5", help="figures to measure, comma-separated (default all)")
+    parser.add_argument("--candidates", type=int, default=128, help="candidates per pipeline run of figures 1 and 3")
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps of figures 1-3 (demo: 10)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of figures 2 and 5 (median)")
+    parser.add_argument("--rss-candidates", type=int, default=32, help="N of figure 4 (also runs 10N)")
+    parser.add_argument("--rss-steps", type=int, default=2, help="sampler steps of figure 4 (short 10N runs)")
+    parser.add_argument("--store-shards", type=int, default=32, help="shards written per store in figure 5")
+    parser.add_argument("--patients", type=int, default=24, help="phantom patients (192 px)")
+    parser.add_argument("--candidates-per-slice", type=int, default=8, help="draws per negative slice")
+    parser.add_argument("--config", default="configs/demo.yaml", help="model sizes and synthesis settings")
+    parser.add_argument("--out", default="", help="folder for cohort, models and stores (default: a temp dir)")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="limit of every Ray step")
+    parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)  # figure 4's child runs
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def deadline(seconds: float, what: str):
+    """Raise TimeoutError in the main thread when the block runs past ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"{what}: still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def connect_ray(timeout_s: float) -> float:
+    """Start (or join) Ray as the engine does; seconds it took. Refuses to join a `ray start` cluster
+    left on this machine (ray.init would attach to it instead of starting a local instance)."""
+    import ray
+
+    from engine.training.distributed import connect
+
+    if ray.is_initialized():
+        return 0.0
+    if not os.environ.get("RAY_ADDRESS") and Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists():
+        raise RuntimeError("a cluster started with `ray start` is live on this machine; ray.init would join it: "
+                           "stop it (or set RAY_ADDRESS deliberately) before benchmarking")
+    start = time.perf_counter()
+    with deadline(timeout_s, "Ray start-up"):
+        connect()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one plan and one summary line per run otherwise
+    return time.perf_counter() - start
+
+
+def disconnect_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def prepare_base(base: Path, args) -> None:
+    """Phantom cohort (reused when present) and freshly exported untrained models under ``base``."""
+    from engine.models.untrained import export_untrained
+    from engine.phantom import write_phantom_cohort
+    from engine.phantom.config import PhantomConfig
+
+    if not (base / "cohort").is_dir():
+        write_phantom_cohort(base / "cohort", args.patients, seed=0, cfg=PhantomConfig(image_size=192))
+    export_untrained(run_config(base, base / "models", args), base / "models")  # always: models follow the code
+
+
+def run_config(base: Path, run_dir: Path, args, extra=()):
+    """The run config of ``run_dir``, emptied first: every run writes a fresh store."""
+    from engine.config import load_config
+    from engine.settings import EngineConfig
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    models = base / "models"
+    return load_config(EngineConfig, args.config, [
+        f"cohort.root={base / 'cohort'}", f"run_dir={run_dir}", f"vae.pretrained={models / 'vae'}",
+        f"synthesis.generator={models / 'generator'}", f"synthesis.reward={models / 'reward'}",
+        f"synthesis.candidates_per_slice={args.candidates_per_slice}", *POOLS, *extra,
+    ])
+
+
+def load_parts(base: Path, args, need: int):
+    """The split's slice arrays (read once; every run then plans from them), checked to hold ``need``
+    candidates."""
+    from engine.synthesis.plan import make_plan
+    from engine.training.prepare import prepare_arrays
+
+    cfg = run_config(base, base / "split", args)
+    parts, _ = prepare_arrays(cfg)
+    plan = len(make_plan(parts[cfg.synthesis.split], cfg.synthesis.candidates_per_slice, cfg.synthesis.seed))
+    if plan < need:
+        raise SystemExit(f"the phantom plan holds {plan} candidates, the benchmark needs {need}: "
+                         "raise --patients or --candidates-per-slice")
+    return parts
+
+
+def ratio_line(name: str, value: str, goal: str, ratio: float) -> str:
+    return f"{name}: {value} (goal {goal}, ratio {ratio:.2f}x)"
+
+
+def add(lines: list, figure: int, line: str) -> None:
+    lines.append((figure, line))
+
+
+# ------------------------------------------------------------------------------- figures 1 and 3
+def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
+    import torch
+
+    from engine.synthesis.pipeline import synthesize
+
+    common = [f"synthesis.max_candidates={args.candidates}", f"synthesis.num_inference_steps={args.steps}"]
+    torch.set_num_threads(DEFAULT_THREADS)
+    seq = synthesize(run_config(base, base / "f1-sequential", args, [*common, *SEQUENTIAL]),
+                     sequential=True, log=quiet, parts=parts)
+    print(f"[1] sequential loop, 1 process, {DEFAULT_THREADS} torch thread(s): {seq['written']} candidates in "
+          f"{seq['seconds']:.1f} s = {seq['candidates_per_s']:.2f} candidates/s", flush=True)
+    startup = connect_ray(args.timeout_s)
+    with deadline(args.timeout_s, "figure 1: Ray pipeline"):
+        ray_run = synthesize(run_config(base, base / "f1-ray", args, common), log=quiet, parts=parts)
+    with_startup = ray_run["written"] / (ray_run["seconds"] + startup)
+    print(f"[1] Ray pipeline, 2 diffusion actors x 1 thread + 1 filter actor x 1 thread: {ray_run['written']} "
+          f"candidates in {ray_run['seconds']:.1f} s = {ray_run['candidates_per_s']:.2f} candidates/s "
+          f"(+{startup:.1f} s Ray start-up: {with_startup:.2f} candidates/s); actor start-up and model "
+          "loading are inside both figures", flush=True)
+    add(lines, 1, ratio_line("pipeline vs sequential candidates/s", f"{ray_run['candidates_per_s']:.2f} vs "
+                            f"{seq['candidates_per_s']:.2f}", ">= 1.8x on two cores",
+                            ray_run["candidates_per_s"] / seq["candidates_per_s"]))
+    add(lines, 1, ratio_line("pipeline (incl. Ray start-up) vs sequential candidates/s",
+                            f"{with_startup:.2f} vs {seq['candidates_per_s']:.2f}", ">= 1.8x on two cores",
+                            with_startup / seq["candidates_per_s"]))
+
+
+class DroppingDatasink:
+    """Stand-in for the Zarr sink of figure 3: consumes the generated blocks, writes nothing."""
+
+    @staticmethod
+    def make():
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        class _Drop(Datasink):
+            def get_name(self) -> str:
+                return "Drop"
+
+            def write(self, blocks, ctx):
+                return sum(BlockAccessor.for_block(b).num_rows() for b in blocks)
+
+        return _Drop()
+
+
+def generation_only(job) -> float:
+    """Seconds of prepare -> DiffusionActor pool -> a dropping sink over all shards of ``job`` (the
+    stages of :meth:`SynthesisJob.dataset` before the filter pool, same resources)."""
+    import ray
+
+    from engine.synthesis.actors import DiffusionActor, prepare_shards
+    from engine.synthesis.pipeline import check_pools_fit
+
+    syn, todo = job.syn, list(range(job.layout.shards))
+    start = time.perf_counter()
+    check_pools_fit(syn)
+    diffusion_args, _ = job.actor_args()
+    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=max(1, len(todo)))
+    ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(job.context)},
+                        num_cpus=syn.prepare_cpus)
+    ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
+                        concurrency=syn.diffusion.actors, num_cpus=syn.diffusion.num_cpus,
+                        num_gpus=syn.diffusion.num_gpus or None)
+    ds.write_datasink(DroppingDatasink.make(), ray_remote_args={"num_cpus": syn.prepare_cpus})
+    return time.perf_counter() - start
+
+
+def figure_end_to_end_vs_generation(base: Path, parts, args, lines: list) -> None:
+    from engine.synthesis.pipeline import SynthesisJob, synthesize
+
+    common = [f"synthesis.max_candidates={args.candidates}", f"synthesis.num_inference_steps={args.steps}"]
+    connect_ray(args.timeout_s)
+    # end to end first: on a cold cluster (figure 1 not run) the first run pays the workers' imports
+    with deadline(args.timeout_s, "figure 3: end-to-end pipeline"):
+        full = synthesize(run_config(base, base / "f3-end-to-end", args, common), log=quiet, parts=parts)
+    with deadline(args.timeout_s, "figure 3: generation-only pipeline"):
+        gen_s = generation_only(SynthesisJob(run_config(base, base / "f3-generation", args, common), parts))
+    print(f"[3] {full['written']} candidates: end to end {full['seconds']:.1f} s; generation alone (filter pool "
+          f"and Zarr writer replaced by a sink that drops the rows) {gen_s:.1f} s", flush=True)
+    add(lines, 3, ratio_line("end-to-end vs generation-alone time", f"{full['seconds']:.1f} s vs {gen_s:.1f} s",
+                            "<= 1.1x", full["seconds"] / gen_s))
+
+
+# ------------------------------------------------------------------------------------------ figure 2
+def stock_pipeline(model):
+    """diffusers' ControlNet inpainting pipeline on the generator's own components.
+
+    What had to be adapted: nothing in diffusers. The pipeline takes tensors [B, 1, H, W]: its
+    VaeImageProcessor converts only PIL images to RGB (``do_convert_rgb``) and passes 1-channel
+    tensors through (resized to the same size, i.e. unchanged); the image goes in as [0, 1] (it
+    normalizes to [-1, 1]), the mask is binarized, the edge map passes unnormalized, as ours. The
+    caption states go in as ``prompt_embeds`` (so ``text_encoder``/``tokenizer`` are None, no
+    tokenizer work is timed); ``guidance_scale=1`` and ``controlnet_conditioning_scale=1`` as ours.
+    Differences that remain: the stock loop encodes only the masked image (ours also encodes the
+    full image for the kept-region latents), resizes the mask to latents by nearest neighbour (ours:
+    max pooling), does not keep the known region per step, and does not blend in pixel space.
+    """
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=model.vae, text_encoder=None, tokenizer=None, unet=model.unet, controlnet=model.controlnet,
+        scheduler=model.make_sampler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def figure_actor_vs_stock(base: Path, parts, args, lines: list) -> None:
+    import torch
+
+    from engine.synthesis.actors import DiffusionActor, prepare_shards
+    from engine.synthesis.pipeline import SynthesisJob
+
+    cfg = run_config(base, base / "f2", args, [f"synthesis.num_inference_steps={args.steps}"])
+    job = SynthesisJob(cfg, parts)
+    diffusion_args, _ = job.actor_args()
+    actor = DiffusionActor(**diffusion_args)  # sets torch to the actor's 1 thread
+    batch_size = cfg.synthesis.batch_size
+    # A batch of candidates that all take a scar (the actor skips rows without one).
+    rows, seeds, captions = {}, [], []
+    for shard in range(job.layout.shards):
+        inputs = prepare_shards({"shard": np.asarray([shard])}, job.context)
+        meta = json.loads(str(inputs["meta"][0]))
+        active = np.flatnonzero(np.asarray(inputs["scar"][0]).reshape(len(meta["seed"]), -1).any(1))
+        for key in ("image", "mask", "condition", "scar"):
+            rows.setdefault(key, []).append(np.asarray(inputs[key][0])[active])
+        seeds += [meta["noise_seed"][i] for i in active]
+        captions += [meta["caption"][i] for i in active]
+        if len(seeds) >= batch_size:
+            break
+    ours_in = {k: np.concatenate(v)[:batch_size] for k, v in rows.items()}
+    ours_in["caption"], seeds = captions[:batch_size], seeds[:batch_size]
+    if len(seeds) < batch_size:
+        raise SystemExit(f"figure 2: only {len(seeds)} candidates take a scar; need {batch_size}")
+
+    model = actor.model
+    pipe = stock_pipeline(model)
+    image01 = (torch.as_tensor(ours_in["image"]) + 1.0) / 2.0
+    mask = torch.as_tensor(ours_in["mask"], dtype=torch.float32)
+    control = torch.as_tensor(ours_in["condition"], dtype=torch.float32)
+    with torch.no_grad():
+        prompt_embeds = model.text_states(ours_in["caption"])  # caption encoding is not timed for diffusers
+
+    def ours() -> None:
+        actor.generate(ours_in, seeds)
+
+    def stock() -> None:
+        # one generator: diffusers encodes the VAE batch at once (a list would encode sample by sample)
+        out = pipe(prompt_embeds=prompt_embeds, image=image01, mask_image=mask, control_image=control,
+                   num_inference_steps=args.steps, guidance_scale=1.0, controlnet_conditioning_scale=1.0,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert tuple(out.shape) == tuple(image01.shape), out.shape
+
+    times = {"ours": [], "stock": []}
+    ours(), stock()  # warm-up (allocator, caption cache, diffusers' first-call checks)
+    for _ in range(args.repeats):
+        for name, call in (("ours", ours), ("stock", stock)):
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    t_ours, t_stock = statistics.median(times["ours"]), statistics.median(times["stock"])
+    print(f"[2] batch {batch_size}, {args.steps} steps, {torch.get_num_threads()} torch thread(s), median of "
+          f"{args.repeats}: DiffusionActor.generate {t_ours:.2f} s ({batch_size / t_ours:.2f} images/s), "
+          f"diffusers StableDiffusionControlNetInpaintPipeline {t_stock:.2f} s ({batch_size / t_stock:.2f} images/s)",
+          flush=True)
+    add(lines, 2, ratio_line("diffusion actor vs stock diffusers images/s",
+                            f"{batch_size / t_ours:.2f} vs {batch_size / t_stock:.2f}", ">= 1x", t_stock / t_ours))
+    torch.set_num_threads(DEFAULT_THREADS)
+
+
+# ------------------------------------------------------------------------------------------ figure 4
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _peak_rss_kib(pid: int) -> tuple[int, str]:
+    """VmHWM (peak resident set, KiB) and the process title (Ray workers set ``ray::<name>``)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return 0, ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]), title
+    return 0, title
+
+
+class PeakRSS:
+    """Samples VmHWM of this process and all its descendants (the Ray processes a local ``ray.init``
+    starts) every ``interval`` s, keeping each process's last value (VmHWM only grows)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peaks, self.titles = interval, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        for pid in _descendants(os.getpid()):
+            kib, title = _peak_rss_kib(pid)
+            if kib:
+                self.peaks[pid] = max(kib, self.peaks.get(pid, 0))
+                if "Actor" not in self.titles.get(pid, ""):  # an actor's class name, once seen, names it
+                    self.titles[pid] = title
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def by_role(self) -> dict[str, float]:
+        """Largest peak (MiB) per role: driver, diffusion actor, filter actor, other Ray workers, Ray system."""
+        roles: dict[str, float] = {}
+        for pid, kib in self.peaks.items():
+            title = self.titles.get(pid, "")
+            role = ("driver" if pid == os.getpid() else "diffusion actor" if "DiffusionActor" in title
+                    else "filter actor" if "FilterActor" in title else "other Ray worker" if title.startswith("ray::")
+                    else "Ray system (raylet, GCS, ...)")
+            roles[role] = max(roles.get(role, 0.0), kib / 1024)
+        return roles
+
+
+def rss_child(base: Path, args) -> None:
+    """Figure 4's child: one pipeline run of ``args.rss_child`` candidates in this fresh process."""
+    from engine.synthesis.pipeline import synthesize
+
+    parts = load_parts(base, args, args.rss_child)
+    cfg = run_config(base, base / f"f4-{args.rss_child}", args, [
+        f"synthesis.max_candidates={args.rss_child}", f"synthesis.num_inference_steps={args.rss_steps}"])
+    with PeakRSS() as rss:
+        connect_ray(args.timeout_s)
+        with deadline(args.timeout_s, "figure 4: Ray pipeline"):
+            summary = synthesize(cfg, log=quiet, parts=parts)
+        rss.sample()
+    disconnect_ray()
+    print("RSS_RESULT " + json.dumps({"written": summary["written"], "seconds": summary["seconds"],
+                                      "roles": rss.by_role()}), flush=True)
+
+
+def figure_peak_rss(base: Path, args, lines: list) -> None:
+    disconnect_ray()  # each run starts its own Ray instance in a fresh process
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    results = {}
+    for n in (args.rss_candidates, 10 * args.rss_candidates):
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--out", str(base), "--config", args.config,
+               "--rss-steps", str(args.rss_steps), "--patients", str(args.patients),
+               "--candidates-per-slice", str(args.candidates_per_slice), "--timeout-s", str(args.timeout_s)]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=args.timeout_s + 120)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RSS_RESULT ")]
+        if proc.returncode or not found:
+            raise RuntimeError(f"figure 4 run of {n} candidates failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[n] = json.loads(found[-1].split(" ", 1)[1])
+        roles = ", ".join(f"{role} {mib:.0f} MiB" for role, mib in sorted(results[n]["roles"].items()))
+        print(f"[4] {results[n]['written']} candidates ({args.rss_steps} steps, {results[n]['seconds']:.1f} s): "
+              f"peak RSS {roles}", flush=True)
+    small, large = results[args.rss_candidates]["roles"], results[10 * args.rss_candidates]["roles"]
+    for role in ("driver", "diffusion actor", "filter actor", "other Ray worker"):
+        if role in small and role in large:
+            add(lines, 4, ratio_line(f"peak RSS {role}, {args.rss_candidates} vs {10 * args.rss_candidates} candidates",
+                                    f"{small[role]:.0f} MiB vs {large[role]:.0f} MiB", "10N within 10% of N",
+                                    large[role] / small[role]))
+
+
+# ------------------------------------------------------------------------------------------ figure 5
+def store_rows(job) -> dict[int, dict]:
+    """Rows of every shard of ``job``'s layout as the filter writes them (all kept): real phantom crops
+    and labels, conditions, scores and texts."""
+    from engine.anatomy.labels import MYOCARDIUM
+
+    rng = np.random.default_rng(0)
+    slices, layout, out = job.plan.slices, job.layout, {}
+    for shard in range(layout.shards):
+        start, stop = layout.shard_rows(shard)
+        src = job.plan.jobs[start:stop, 0]
+        n = stop - start
+        out[shard] = {
+            "image": slices.image[src].reshape(n, layout.height, layout.width).astype(np.float32),
+            "label": slices.label[src].astype(np.uint8),
+            "condition": (slices.label[src] == MYOCARDIUM).astype(np.uint8),
+            "dice": rng.random(n, dtype=np.float32), "passed": np.ones(n, bool),
+            "seed": rng.integers(0, 2**62, n, dtype=np.int64),
+            **{k: np.asarray(job.plan.sample_ids[start:stop], dtype=object)
+               for k in ("sample_id", "source", "caption", "spec", "skip_reason")},
+        }
+    return out
+
+
+def array_bytes(rows: dict) -> dict[str, bytes]:
+    """One shard's arrays as plain bytes (numbers as stored in memory, texts as lines of UTF-8)."""
+    return {name: "\n".join(str(v) for v in value).encode() if value.dtype == object else np.ascontiguousarray(value).tobytes()
+            for name, value in rows.items()}
+
+
+def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int) -> dict[str, float]:
+    """Median seconds of writing every shard with the store (``write_shard``), of piping the same
+    encoded chunk objects with ``fs``, and of piping the arrays' plain bytes with ``fs`` (each one
+    ``pipe`` call per shard, shard after shard as the pipeline's writers do), with the byte counts.
+    ``root`` is ``fs``'s path of a fresh folder, ``url_of(path)`` its URL for zarr."""
+    from engine.synthesis.store import create_store, write_shard
+
+    times: dict[str, list[float]] = {"zarr": [], "encoded": [], "plain": []}
+    plain = {shard: array_bytes(shard_rows) for shard, shard_rows in rows.items()}
+    encoded_bytes = 0
+    for r in range(repeats + 1):  # the first round warms codecs and connections, untimed
+        path = f"{root}/zarr-{r}.zarr"
+        group = create_store(url_of(path), layout, {"benchmark": True}, options)
+        start = time.perf_counter()
+        for shard, shard_rows in rows.items():
+            write_shard(group, shard, shard_rows, layout)
+        t_zarr = time.perf_counter() - start
+        # Every chunk object written above, grouped by shard (the first chunk coordinate).
+        objects: dict[int, dict[str, bytes]] = {}
+        for key in fs.find(path):
+            rel = key[len(path) + 1:]
+            if "/c/" in rel:
+                objects.setdefault(int(rel.split("/c/", 1)[1].split("/")[0]), {})[rel] = fs.cat_file(key)
+        start = time.perf_counter()
+        for shard in sorted(objects):
+            fs.pipe({f"{root}/encoded-{r}/{rel}": data for rel, data in objects[shard].items()})
+        t_encoded = time.perf_counter() - start
+        start = time.perf_counter()
+        for shard, arrays in plain.items():
+            fs.pipe({f"{root}/plain-{r}/{name}/{shard}": data for name, data in arrays.items()})
+        t_plain = time.perf_counter() - start
+        encoded_bytes = sum(len(d) for shard in objects.values() for d in shard.values())
+        if r:
+            for name, value in (("zarr", t_zarr), ("encoded", t_encoded), ("plain", t_plain)):
+                times[name].append(value)
+    out = {name: statistics.median(values) for name, values in times.items()}
+    out.update(encoded_mb=encoded_bytes / 1e6,
+               plain_mb=sum(len(d) for arrays in plain.values() for d in arrays.values()) / 1e6)
+    return out
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def figure_store_writes(base: Path, parts, args, lines: list) -> None:
+    import fsspec
+
+    from engine.synthesis.pipeline import SynthesisJob
+    from engine.synthesis.store import StoreLayout
+
+    cfg = run_config(base, base / "f5", args, ["synthesis.max_candidates=0"])
+    job = SynthesisJob(cfg, parts)
+    shard_size, shards = job.layout.shard_size, min(args.store_shards, job.layout.shards)
+    layout = StoreLayout(rows=shards * shard_size, height=job.layout.height, width=job.layout.width,
+                         shard_size=shard_size)
+    rows = {s: r for s, r in store_rows(job).items() if s < shards}
+
+    local = fsspec.filesystem("file", auto_mkdir=True)
+    targets = [("local", local, str(base / "f5"), lambda p: p, None)]
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    # moto runs as a thread of this process (as the tests' endpoint): both writers pay its share of the GIL
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    port = _free_port(S3_IP)
+    server = ThreadedMotoServer(ip_address=S3_IP, port=port, verbose=False)
+    server.start()
+    try:
+        options = {"endpoint_url": f"http://{S3_IP}:{port}"}
+        s3 = fsspec.filesystem("s3", **options)
+        s3.mkdir("bench")
+        targets.append(("S3 (moto)", s3, "bench/f5", lambda p: f"s3://{p}", options))
+        for name, fs, root, url_of, opts in targets:
+            t = zarr_vs_raw(fs, root, url_of, opts, layout, rows, args.repeats)
+            mb = t["plain_mb"]  # throughputs count the candidates' plain array bytes
+            print(f"[5] {name}: {shards} shards x {shard_size} candidates = {mb:.1f} MB of arrays "
+                  f"({t['encoded_mb']:.1f} MB as Zarr chunk objects); median of {args.repeats}: zarr write_shard "
+                  f"{t['zarr']:.3f} s ({mb / t['zarr']:.1f} MB/s); fsspec pipe, one call per shard, of the same "
+                  f"encoded objects {t['encoded']:.3f} s, of the plain array bytes {t['plain']:.3f} s "
+                  f"({mb / t['plain']:.1f} MB/s)", flush=True)
+            add(lines, 5, ratio_line(f"Zarr write vs raw fsspec put of the same encoded objects, {name}",
+                                     f"{t['zarr']:.3f} s vs {t['encoded']:.3f} s", ">= 0.8x", t["encoded"] / t["zarr"]))
+            add(lines, 5, ratio_line(f"Zarr write vs raw fsspec put of the plain array bytes, {name}",
+                                     f"{mb / t['zarr']:.1f} vs {mb / t['plain']:.1f} MB/s", ">= 0.8x",
+                                     t["plain"] / t["zarr"]))
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(args: argparse.Namespace) -> None:
+    import ray
+    import torch
+
+    global DEFAULT_THREADS
+    DEFAULT_THREADS = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        base = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        base = base.absolute()
+        if args.rss_child:
+            rss_child(base, args)
+            return
+        only = {int(x) for x in args.only.split(",") if x.strip()}
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
+              f"torch {torch.__version__} (default {DEFAULT_THREADS} threads), ray {ray.__version__}", flush=True)
+        prepare_base(base, args)
+        parts = load_parts(base, args, max(args.candidates, 10 * args.rss_candidates if 4 in only else 0))
+        lines: list = []
+        try:
+            if 1 in only:
+                figure_pipeline_vs_sequential(base, parts, args, lines)
+            if 3 in only:
+                figure_end_to_end_vs_generation(base, parts, args, lines)
+            disconnect_ray()  # figures 2, 4 and 5 time single processes; no idle Ray beside them
+            if 2 in only:
+                figure_actor_vs_stock(base, parts, args, lines)
+            if 4 in only:
+                figure_peak_rss(base, args, lines)
+            if 5 in only:
+                figure_store_writes(base, parts, args, lines)
+        finally:
+            disconnect_ray()
+        print()
+        for _, line in sorted(lines, key=lambda item: item[0]):
+            print(line)
+
+
+DEFAULT_THREADS = 1
+
+if __name__ == "__main__":
+    main(parse_args())
