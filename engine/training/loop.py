@@ -3,8 +3,8 @@
 One loop for the reward model, the VAE, the generator and the downstream model; each stage supplies
 its dataset, a ``step_fn(batch) -> {"loss": tensor, ...}`` and a ``validate_fn() -> metrics``. The
 loop owns what they share: per-rank deterministic sampling (``DistributedSampler`` or class-balanced
-weighted draws), AdamW (constant or warm-up + cosine learning rate), gradient clipping, bf16 autocast on GPU, cross-rank averaging of losses, a
-checkpoint every ``checkpoint_every_steps`` steps and at every epoch end, and resuming mid-epoch
+weighted draws), AdamW (constant or warm-up + cosine learning rate), gradient clipping, bf16
+autocast on GPU, cross-rank averaging of losses, a checkpoint every ``checkpoint_every_steps`` steps and at every epoch end, and resuming mid-epoch
 from the latest checkpoint (the batches already seen in that epoch are skipped, not repeated).
 """
 
