@@ -515,8 +515,7 @@ class LGESynthNet(nn.Module):
         mask = batch["mask"].to(device).float()
         b = image.shape[0]
 
-        known = self._encode(image)
-        masked_latents = self._encode(image * (1.0 - mask))
+        known, masked_latents = self._encode(torch.cat([image, image * (1.0 - mask)])).chunk(2)  # one VAE call
         latent_mask = self.latent_mask(mask)
         condition = self.condition(batch).to(device)
         text = self.text_states(batch["caption"])

@@ -29,13 +29,13 @@ from engine.synthesis.config import SynthesisConfig
 from engine.synthesis.store import (
     ATTRS_KEY,
     FORMAT_VERSION,
+    ShardWriter,
     completed_shards,
     create_store,
     open_store,
     store_attrs,
     store_exists,
     update_attrs,
-    write_shard,
 )
 
 # Settings that change what the store holds; the others (actors, batch sizes, addresses) do not.
@@ -194,10 +194,10 @@ class SynthesisJob:
         ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(self.context)},
                             num_cpus=syn.prepare_cpus)
         ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
-                            concurrency=syn.diffusion.actors, num_cpus=syn.diffusion.num_cpus,
+                            compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
                             num_gpus=syn.diffusion.num_gpus or None)
         return ds.map_batches(FilterActor, batch_size=1, fn_constructor_kwargs=filter_args,
-                              concurrency=syn.filter.actors, num_cpus=syn.filter.num_cpus,
+                              compute=ray.data.ActorPoolStrategy(size=syn.filter.actors), num_cpus=syn.filter.num_cpus,
                               num_gpus=syn.filter.num_gpus or None)
 
     def run_ray(self, todo: list[int], log: Callable[[str], None]) -> None:
@@ -213,10 +213,12 @@ class SynthesisJob:
                               ray_remote_args={"num_cpus": self.syn.prepare_cpus})
             return
         log(f"{self.url}: a process-local store; the driver writes the streamed shards")
-        group = open_store(self.url, "r+", self.syn.storage_options)
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            shard, rows = unpack_store_rows({k: v[0] for k, v in batch.items()})
-            write_shard(group, shard, rows, self.layout)
+        writer = ShardWriter(open_store(self.url, "r+", self.syn.storage_options), self.layout)
+        try:
+            for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+                writer.write(*unpack_store_rows({k: v[0] for k, v in batch.items()}))
+        finally:
+            writer.close()
 
     def run_sequential(self, todo: list[int], log: Callable[[str], None]) -> None:
         """The same steps in one process, shard after shard, no Ray (the benchmark's reference loop)."""
@@ -224,14 +226,16 @@ class SynthesisJob:
 
         diffusion_args, filter_args = self.actor_args()
         diffusion, filt = DiffusionActor(**diffusion_args), FilterActor(**filter_args)
-        group = open_store(self.url, "r+", self.syn.storage_options)
+        writer = ShardWriter(open_store(self.url, "r+", self.syn.storage_options), self.layout)
         start, every = time.perf_counter(), max(1, len(todo) // 10)
-        for n, shard in enumerate(todo, 1):
-            batch = filt(diffusion(prepare_shards({"shard": np.asarray([shard])}, self.context)))
-            shard_id, rows = unpack_store_rows({k: v[0] for k, v in batch.items()})
-            write_shard(group, shard_id, rows, self.layout)
-            if n % every == 0 or n == len(todo):
-                log(f"synthesis: {n}/{len(todo)} shards written ({time.perf_counter() - start:.1f} s)")
+        try:
+            for n, shard in enumerate(todo, 1):
+                batch = filt(diffusion(prepare_shards({"shard": np.asarray([shard])}, self.context)))
+                writer.write(*unpack_store_rows({k: v[0] for k, v in batch.items()}))
+                if n % every == 0 or n == len(todo):
+                    log(f"synthesis: {n}/{len(todo)} shards written ({time.perf_counter() - start:.1f} s)")
+        finally:
+            writer.close()
 
 
 def summarize(group) -> dict[str, Any]:

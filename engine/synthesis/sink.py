@@ -8,7 +8,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from engine.synthesis.actors import unpack_store_rows
-from engine.synthesis.store import StoreLayout, open_store, write_shard
+from engine.synthesis.store import ShardWriter, open_store
 
 
 class ZarrShardDatasink(Datasink):
@@ -31,16 +31,18 @@ class ZarrShardDatasink(Datasink):
         return "ZarrShards"
 
     def write(self, blocks: Iterable[Block], ctx) -> dict[str, Any]:
-        group = open_store(self.url, "r+", self.storage_options)
-        layout = StoreLayout.of_group(group)
+        writer = ShardWriter(open_store(self.url, "r+", self.storage_options))
         shards, candidates, passed = [], 0, 0
-        for block in blocks:
-            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-            for i in range(len(batch["shard"])):
-                shard, rows = unpack_store_rows({k: v[i] for k, v in batch.items()})
-                candidates += write_shard(group, shard, rows, layout)
-                passed += int(rows["passed"].sum())
-                shards.append(shard)
+        try:
+            for block in blocks:
+                batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+                for i in range(len(batch["shard"])):
+                    shard, rows = unpack_store_rows({k: v[i] for k, v in batch.items()})
+                    candidates += writer.write(shard, rows)
+                    passed += int(rows["passed"].sum())
+                    shards.append(shard)
+        finally:
+            writer.close()
         return {"shards": shards, "candidates": candidates, "passed": passed}
 
     def on_write_complete(self, write_result) -> None:

@@ -126,32 +126,65 @@ def completed_shards(group) -> np.ndarray:
     return np.asarray(group[MARKER][:], dtype=np.uint8) == 1
 
 
-def write_shard(group, shard: int, rows: Mapping[str, Any], layout: StoreLayout | None = None) -> int:
-    """Write every row of ``shard`` (the caller is its only writer), then mark it complete.
+class ShardWriter:
+    """Writes whole shards into an open store: the arrays are opened once (one metadata read each)
+    and a shard's arrays are written concurrently, then its completion flag last.
 
     Args:
-        group: the store's root group (opened for writing).
-        shard: shard index.
-        rows: one entry per array of the schema (except the marker), each with exactly the shard's
-            row count along the first axis.
-
-    Returns:
-        the number of rows written.
+        group: the store's root group, opened for writing.
+        layout: the store's layout (read from ``group`` when omitted).
     """
-    layout = layout or StoreLayout.of_group(group)
-    start, stop = layout.shard_rows(shard)
-    count = stop - start
-    for name in (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS):
-        if name not in rows:
-            raise ValueError(f"shard {shard}: no {name!r} rows to write")
-        value = np.asarray(rows[name])
-        if value.shape[:1] != (count,):
-            raise ValueError(f"shard {shard}: {name!r} has {value.shape[:1]} rows, the shard holds {count}")
-        if name in TEXT_ARRAYS:
-            value = np.asarray([str(v) for v in value], dtype=object)
-        group[name][start:stop] = value
-    group[MARKER][shard] = 1  # last: a shard counts only once all of it is stored
-    return count
+
+    NAMES = (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS)
+
+    def __init__(self, group, layout: StoreLayout | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.arrays = {name: group[name] for name in self.NAMES}
+        self.marker = group[MARKER]
+        n, h, w = self.arrays["image"].shape
+        self.layout = layout or StoreLayout(int(n), int(h), int(w), int(self.arrays["dice"].chunks[0]))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.NAMES), thread_name_prefix="zarr-shard")
+
+    def write(self, shard: int, rows: Mapping[str, Any]) -> int:
+        """Write every row of ``shard`` (the caller is its only writer), then mark it complete.
+
+        Args:
+            shard: shard index.
+            rows: one entry per array of the schema (except the marker), each with exactly the
+                shard's row count along the first axis.
+
+        Returns:
+            the number of rows written.
+        """
+        start, stop = self.layout.shard_rows(shard)
+        count = stop - start
+        values = {}
+        for name in self.NAMES:
+            if name not in rows:
+                raise ValueError(f"shard {shard}: no {name!r} rows to write")
+            value = np.asarray(rows[name])
+            if value.shape[:1] != (count,):
+                raise ValueError(f"shard {shard}: {name!r} has {value.shape[:1]} rows, the shard holds {count}")
+            values[name] = np.asarray([str(v) for v in value], dtype=object) if name in TEXT_ARRAYS else value
+        futures = [self._pool.submit(self.arrays[name].__setitem__, slice(start, stop), value)
+                   for name, value in values.items()]
+        for future in futures:
+            future.result()
+        self.marker[shard] = 1  # last: a shard counts only once all of it is stored
+        return count
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def write_shard(group, shard: int, rows: Mapping[str, Any], layout: StoreLayout | None = None) -> int:
+    """Write one whole shard and mark it complete (:class:`ShardWriter` for many shards)."""
+    writer = ShardWriter(group, layout)
+    try:
+        return writer.write(shard, rows)
+    finally:
+        writer.close()
 
 
 def read_shard(group, shard: int, names: tuple[str, ...] | None = None,
