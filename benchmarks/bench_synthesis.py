@@ -14,7 +14,7 @@ Every pipeline run writes a fresh store. Figures (``--only`` picks some):
    sink that drops the generated rows: the ratio is what filtering and writing add to generation.
 4. Peak RSS (VmHWM) of the driver and of the Ray worker processes for N and 10N candidates, each run
    in a fresh process with its own Ray instance (``--rss-steps`` sampler steps to keep 10N short).
-5. Zarr write throughput (``create_store`` + ``write_shard``) vs a raw fsspec ``pipe`` of the same
+5. Zarr write throughput (``create_store`` + ``ShardWriter``) vs a raw fsspec ``pipe`` of the same
    encoded objects, shard by shard, to a local folder and to S3 (moto server on 127.0.0.2).
 
 Usage: python benchmarks/bench_synthesis.py [--candidates 128] [--steps 10] [--repeats 5] [--only 1,2,3,4,5]
@@ -484,7 +484,7 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int) -> d
     encoded chunk objects with ``fs``, and of piping the arrays' plain bytes with ``fs`` (each one
     ``pipe`` call per shard, shard after shard as the pipeline's writers do), with the byte counts.
     ``root`` is ``fs``'s path of a fresh folder, ``url_of(path)`` its URL for zarr."""
-    from engine.synthesis.store import create_store, write_shard
+    from engine.synthesis.store import ShardWriter, create_store
 
     times: dict[str, list[float]] = {"zarr": [], "encoded": [], "plain": []}
     plain = {shard: array_bytes(shard_rows) for shard, shard_rows in rows.items()}
@@ -493,8 +493,10 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int) -> d
         path = f"{root}/zarr-{r}.zarr"
         group = create_store(url_of(path), layout, {"benchmark": True}, options)
         start = time.perf_counter()
+        writer = ShardWriter(group, layout)  # as a write task of the datasink: arrays opened once
         for shard, shard_rows in rows.items():
-            write_shard(group, shard, shard_rows, layout)
+            writer.write(shard, shard_rows)
+        writer.close()
         t_zarr = time.perf_counter() - start
         # Every chunk object written above, grouped by shard (the first chunk coordinate).
         objects: dict[int, dict[str, bytes]] = {}
@@ -558,7 +560,7 @@ def figure_store_writes(base: Path, parts, args, lines: list) -> None:
             t = zarr_vs_raw(fs, root, url_of, opts, layout, rows, args.repeats)
             mb = t["plain_mb"]  # throughputs count the candidates' plain array bytes
             print(f"[5] {name}: {shards} shards x {shard_size} candidates = {mb:.1f} MB of arrays "
-                  f"({t['encoded_mb']:.1f} MB as Zarr chunk objects); median of {args.repeats}: zarr write_shard "
+                  f"({t['encoded_mb']:.1f} MB as Zarr chunk objects); median of {args.repeats}: zarr ShardWriter "
                   f"{t['zarr']:.3f} s ({mb / t['zarr']:.1f} MB/s); fsspec pipe, one call per shard, of the same "
                   f"encoded objects {t['encoded']:.3f} s, of the plain array bytes {t['plain']:.3f} s "
                   f"({mb / t['plain']:.1f} MB/s)", flush=True)
