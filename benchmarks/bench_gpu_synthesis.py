@@ -49,32 +49,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's dense bf16 peak (default: looked up from the device name)")
     parser.add_argument("--budget-s", type=float, default=180.0, help="skip remaining batch sizes after this")
+    parser.add_argument("--tokenizer", default="",
+                        help="folder of a BERT tokenizer for the random text encoder (default: the packaged MiniLM's)")
     parser.add_argument("--out", default="", help="write the results as JSON to this file")
     return parser.parse_args(argv)
 
 
 def build_model(args):
-    """The generator of ``args.config`` (or the tiny one), random weights, eval mode, on the device."""
+    """The generator of ``args.config`` (or the tiny one), random weights, eval mode, on the device.
+
+    Only the config's ``generator.model``, ``vae.model`` and ``data.crop_size`` are read (plain YAML,
+    no cohort or stage imports), so the script needs torch, diffusers and transformers alone."""
     import torch
+    import yaml
 
-    from engine.config import load_config
-    from engine.models.generator import LGESynthNet
+    from engine.config import apply_overrides, from_dict
+    from engine.models.generator import GeneratorConfig, LGESynthNet
     from engine.models.text_encoder import TextEncoderConfig
-    from engine.settings import EngineConfig
+    from engine.models.vae import VAEConfig
 
-    cfg = load_config(EngineConfig, args.config, TINY if args.tiny else [])
-    model_cfg = cfg.generator.model
+    data = apply_overrides(yaml.safe_load(Path(args.config).read_text()), TINY if args.tiny else [])
+    model_cfg = from_dict(GeneratorConfig, data.get("generator", {}).get("model", {}), path="generator.model")
+    vae_cfg = from_dict(VAEConfig, data.get("vae", {}).get("model", {}), path="vae.model")
+    crop = int(data.get("data", {}).get("crop_size", 128))
     width = model_cfg.unet.cross_attention_dim
     wanted = model_cfg.text_encoder
     if wanted.kind == "pretrained" and wanted.path and Path(wanted.path).is_dir():
         text, text_note = wanted, f"pretrained {wanted.path}"
     else:  # no download: a random one-layer BERT as wide as the UNet's cross-attention
-        text = TextEncoderConfig(kind="tiny-random", tiny_hidden_size=width, max_length=wanted.max_length)
-        text_note = f"random 1-layer BERT, width {width} ({wanted.path or 'packaged MiniLM'} not used)"
-    model_cfg = dataclasses.replace(model_cfg, text_encoder=text, vae=cfg.vae.model)
+        text = TextEncoderConfig(kind="tiny-random", path=args.tokenizer, tiny_hidden_size=width,
+                                 max_length=wanted.max_length)
+        text_note = (f"random 1-layer BERT, width {width}, tokenizer {args.tokenizer or 'of the packaged MiniLM'} "
+                     f"({wanted.path or 'packaged MiniLM'} not used)")
+    model_cfg = dataclasses.replace(model_cfg, text_encoder=text, vae=vae_cfg)
     torch.manual_seed(0)
     model = LGESynthNet(model_cfg).eval().requires_grad_(False).to(args.device)
-    return model, cfg.data.crop_size, text_note
+    return model, crop, text_note
 
 
 def make_batch(model, batch_size: int, size: int, device: str) -> dict:
