@@ -54,6 +54,7 @@ def prepare_shards(batch: dict[str, np.ndarray], context) -> dict[str, Any]:
         start = int(shard) * ctx.shard_size
         jobs = ctx.jobs[start:start + ctx.shard_size]
         inputs = build_shard_inputs(ctx.slices, jobs, ctx.seed, ctx.sampler, ctx.data, ctx.reference_angle)
+        inputs.pop("masked_image")  # the generator blanks the region itself
         rows.append({"shard": int(shard), **inputs})
     return _stack_rows(rows)
 
@@ -144,7 +145,8 @@ class DiffusionActor:
         for row in _rows(batch):
             meta = json.loads(str(row["meta"]))
             generated = self.generate({**row, "caption": meta["caption"]}, meta["noise_seed"])
-            rows.append({k: v for k, v in row.items() if k != "masked_image"} | {"generated": generated})
+            # what the filter needs, not the inputs it does not (less to move between actors)
+            rows.append({k: v for k, v in row.items() if k not in ("image", "mask")} | {"generated": generated})
         return _stack_rows(rows)
 
 
