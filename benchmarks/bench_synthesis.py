@@ -225,7 +225,7 @@ def generation_only(job) -> float:
     ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(job.context)},
                         num_cpus=syn.prepare_cpus)
     ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
-                        concurrency=syn.diffusion.actors, num_cpus=syn.diffusion.num_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
                         num_gpus=syn.diffusion.num_gpus or None)
     ds.write_datasink(DroppingDatasink.make(), ray_remote_args={"num_cpus": syn.prepare_cpus})
     return time.perf_counter() - start
