@@ -467,3 +467,11 @@ def test_sampler_weights_balance_positive_and_negative(arrays):
     assert math.isclose(wm[mixed.positive].sum(), 0.5)
     with pytest.raises(ValueError, match="0 positive"):
         positive_weighted_sampler_weights(select(arrays, ~arrays.positive))
+
+
+def test_the_vae_folder_is_absolute_for_workers_in_other_folders(tmp_path, monkeypatch):
+    from engine.training.vae import VAEStageConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert VAEStageConfig().folder("runs/demo") == tmp_path / "runs" / "demo" / "vae"
+    assert VAEStageConfig(pretrained="models/vae").folder("runs/demo") == tmp_path / "models" / "vae"

@@ -43,8 +43,8 @@ class VAEStageConfig:
             raise ValueError("kl_weight and mse_weight must be >= 0")
 
     def folder(self, run_dir: str) -> Path:
-        """Where the generator stage reads the VAE from."""
-        return Path(self.pretrained) if self.pretrained else Path(run_dir) / STAGE
+        """Where the generator stage reads the VAE from, absolute (Ray workers run in other folders)."""
+        return (Path(self.pretrained) if self.pretrained else Path(run_dir) / STAGE).absolute()
 
 
 def load_vae(folder: str | Path):
