@@ -99,7 +99,7 @@ def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0) 
         while time.monotonic() < deadline:
             try:
                 done = completed_shards(open_store(url, "r"))
-            except ValueError:
+            except Exception:  # noqa: BLE001 - the store does not exist yet or is being created
                 done = np.zeros(0, bool)
             if done.size and done.sum() >= count:
                 seen["complete_at_action"] = int(done.sum())
