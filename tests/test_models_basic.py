@@ -16,7 +16,7 @@ from engine.config import from_dict
 from engine.models.downstream import DownstreamModelConfig, build_downstream_model, downstream_loss_fn, predict
 from engine.models.reward import (RewardModelConfig, build_reward_model, predict_scar, reward_loss_fn,
                                   targets_from_label)
-from engine.models.vae import VAEConfig, build_vae, decode_latents, encode_latents, vae_loss
+from engine.models.vae import VAEConfig, build_vae, decode_latents, encode_latents, measure_scaling_factor, vae_loss
 
 TINY_REWARD = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
 TINY_VAE = {"block_out_channels": (16, 32), "norm_num_groups": 8}
@@ -138,6 +138,16 @@ def test_vae_backward_and_loss_parts():
     expected = parts["l1"] + 0.5 * parts["mse"] + 1e-6 * parts["kl"] / (32 * 32)
     assert torch.allclose(parts["loss"], expected)
     _assert_all_grads_finite_nonzero(vae)
+
+
+def test_measured_scaling_factor_gives_unit_variance_latents():
+    vae = build_vae(VAEConfig(**TINY_VAE)).eval()
+    images = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    factor = measure_scaling_factor(vae, images, batch_size=16)  # batches must not change the figure
+    assert factor == pytest.approx(1.0 / float(encode_latents(vae, images, 1.0).std()), rel=1e-4)
+    assert float(encode_latents(vae, images, factor).std()) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="at least one image"):
+        measure_scaling_factor(vae, images[:0])
 
 
 def test_vae_decode_is_differentiable_wrt_latents():

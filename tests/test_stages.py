@@ -61,6 +61,11 @@ def test_every_stage_exports_safetensors_and_json(trained_run):
     assert not suffixes & {".pt", ".pth", ".pkl", ".bin", ".ckpt"}, suffixes
     assert {"val_scar_dice", "val_pass_rate"} <= set(metrics["reward"])
     assert {"val_l1", "val_ssim"} <= set(metrics["vae"])
+    vae_record = json.loads((run / "vae" / "vae.json").read_text())["config"]["model"]
+    assert vae_record["scaling_factor"] != 1.0  # measured after training: unit-variance latents
+    from engine.training.vae import load_vae
+
+    assert load_vae(run / "vae")[0].config.scaling_factor == vae_record["scaling_factor"]
     assert {"val_positive_pass_rate", "loss", "reward"} <= set(metrics["generator"])
     assert {"val_patient_balanced_accuracy", "val_tp"} <= set(metrics["downstream"])
     assert all(np.isfinite(v) for m in metrics.values() for v in m.values() if isinstance(v, float))

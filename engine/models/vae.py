@@ -11,10 +11,13 @@ and patch-GAN adversarial terms: those need a pretrained VGG (a download) and a 
 the expensive part on two CPU cores. :func:`vae_loss` keeps the reconstruction and KL terms; the
 other two can be added to the training loop later without changing the model.
 
-Latents handed to the diffusion model are ``posterior * scaling_factor``. After training, set
-``scaling_factor`` to ``1 / std`` of the training latents so the diffusion model sees roughly unit
-variance (the LDM recipe; Stable Diffusion's 0.18215 was found this way); the default 1.0 means
-"not yet measured".
+Latents handed to the diffusion model are ``posterior * scaling_factor``. After training, the VAE
+stage sets ``scaling_factor`` to ``1 / std`` of the training latents (:func:`measure_scaling_factor`)
+so the diffusion model sees roughly unit variance (the LDM recipe; Stable Diffusion's 0.18215 was
+found this way); the default 1.0 means "not yet measured". A wrong factor is not harmless: the
+noise schedule assumes unit-variance latents, and latents of std 4 (what an unscaled phantom VAE
+gives) leave every timestep 20 times less noisy than the schedule says, so the sampler, which starts
+from unit noise, does not end on the data's latents.
 
 Example:
     .. code-block:: python
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from engine import config as config_io
 from engine.models.reward import check_image_batch
 
-__all__ = ["VAEConfig", "build_vae", "vae_loss", "encode_latents", "decode_latents"]
+__all__ = ["VAEConfig", "build_vae", "vae_loss", "encode_latents", "decode_latents", "measure_scaling_factor"]
 
 
 @dataclass
@@ -200,3 +204,21 @@ def decode_latents(vae, latents: torch.Tensor, scaling_factor: float | None = No
 
 def _check_images(vae, images: torch.Tensor) -> None:
     check_image_batch(images, 2 ** (len(vae.config.block_out_channels) - 1), "VAE")
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, images: torch.Tensor, batch_size: int = 32) -> float:
+    """``1 / std`` of the posterior means of ``images`` (float [N, 1, H, W] in [-1, 1]): the
+    ``scaling_factor`` that gives the diffusion model unit-variance latents.
+
+    Raises:
+        ValueError: for no images, or latents with no spread (a constant image set).
+    """
+    if images.shape[0] == 0:
+        raise ValueError("measure_scaling_factor needs at least one image")
+    latents = torch.cat([encode_latents(vae, images[i:i + batch_size], 1.0).float()
+                         for i in range(0, images.shape[0], batch_size)])
+    std = float(latents.std())
+    if not std > 0 or not math.isfinite(std):
+        raise ValueError(f"the latents of {images.shape[0]} images have std {std}: cannot scale them to unit variance")
+    return 1.0 / std

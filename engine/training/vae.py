@@ -8,6 +8,7 @@ the stage: the generator stage reads whichever folder is configured.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ class VAEStageConfig:
         mse_weight: weight of an extra squared-error term.
         pretrained: folder holding an exported ``vae.safetensors`` + ``vae.json`` to use instead of
             training (empty: ``<run_dir>/vae``, written by this stage).
+        scaling_images: train images whose latents set the exported ``model.scaling_factor`` to
+            ``1 / std`` after training (the LDM recipe); 0 keeps ``model.scaling_factor`` as configured.
     """
 
     model: VAEConfig = field(default_factory=VAEConfig)
@@ -37,10 +40,13 @@ class VAEStageConfig:
     kl_weight: float = 1e-6
     mse_weight: float = 0.0
     pretrained: str = ""
+    scaling_images: int = 512
 
     def __post_init__(self) -> None:
         if self.kl_weight < 0 or self.mse_weight < 0:
             raise ValueError("kl_weight and mse_weight must be >= 0")
+        if self.scaling_images < 0:
+            raise ValueError(f"scaling_images must be >= 0, got {self.scaling_images}")
 
     def folder(self, run_dir: str) -> Path:
         """Where the generator stage reads the VAE from, absolute (Ray workers run in other folders)."""
@@ -64,7 +70,7 @@ def vae_worker(config: dict[str, Any]) -> None:
     import torch
 
     from engine.evaluation.metrics import ssim
-    from engine.models.vae import build_vae, vae_loss
+    from engine.models.vae import build_vae, measure_scaling_factor, vae_loss
     from engine.training.checkpoint import export_model
     from engine.training.data import SegmentationDataset, collate
     from engine.training.distributed import prepare
@@ -98,7 +104,14 @@ def vae_worker(config: dict[str, Any]) -> None:
         validate_fn=validate, collate_fn=collate, config={"stage": config["stage"], "data": config["data"]},
     )
     if rank == 0:
-        export_model(Path(ctx.run_dir) / STAGE, STAGE, net, {"model": stage.model.to_dict(), "input_range": "-1,1",
+        model_cfg = stage.model
+        if stage.scaling_images:
+            net.eval()
+            images = torch.as_tensor(np.clip(train.image[:stage.scaling_images], 0.0, 1.0), device=device) * 2.0 - 1.0
+            model_cfg = dataclasses.replace(model_cfg, scaling_factor=measure_scaling_factor(net, images))
+            net.register_to_config(scaling_factor=model_cfg.scaling_factor)
+            print(f"vae: latent scaling_factor {model_cfg.scaling_factor:.4g} (1 / std over {len(images)} train slices)")
+        export_model(Path(ctx.run_dir) / STAGE, STAGE, net, {"model": model_cfg.to_dict(), "input_range": "-1,1",
                                                             "crop_size": data_cfg.crop_size})
 
 
