@@ -16,6 +16,11 @@ from engine.synthesis.config import SynthesisConfig
 from engine.synthesis.pipeline import SynthesisJob, synthesize
 from engine.synthesis.plan import build_shard_inputs, make_plan
 from engine.synthesis.store import (
+    IMAGE_ARRAYS,
+    MARKER,
+    ROW_ARRAYS,
+    TEXT_ARRAYS,
+    ShardWriter,
     StoreLayout,
     SyntheticDataset,
     completed_shards,
@@ -93,6 +98,76 @@ def test_store_layout_and_one_writer_per_shard(tmp_path):
     image = zarr.open_group(str(tmp_path / "s.zarr"))["image"]
     assert image.chunks == (1, 8, 8) and image.shards == (4, 8, 8)
     assert sorted(os.listdir(tmp_path / "s.zarr" / "image" / "c")) == ["2"]
+
+
+def _shard_rows(rng, count, h, w, empty_images=False, empty_texts=False):
+    """Rows of one shard: noisy images with some all-zero samples (inner chunks zarr leaves out),
+    labels, scores and texts (all empty where asked: zarr then stores no text object)."""
+    image = rng.random((count, h, w), dtype=np.float32)
+    image[::3] = 0
+    label = rng.integers(0, 4, (count, h, w), dtype=np.uint8)
+    label[1::3] = 0
+    if empty_images:
+        image[:], label[:] = 0, 0
+    text = ["" if empty_texts else f"x-{i}-é" for i in range(count)]
+    return {"image": image, "label": label, "condition": (label == 2).astype(np.uint8),
+            "dice": rng.random(count, dtype=np.float32), "passed": rng.random(count) > 0.5,
+            "seed": rng.integers(0, 2**62, count), **{name: list(text) for name in TEXT_ARRAYS}}
+
+
+def _plain_zarr_write(group, layout, shard, rows):
+    """The reference: plain zarr slice assignment of every array, then the marker."""
+    start, stop = layout.shard_rows(shard)
+    for name in (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS):
+        value = rows[name]
+        group[name][start:stop] = np.asarray([str(v) for v in value], dtype=object) if name in TEXT_ARRAYS else value
+    group[MARKER][shard] = 1
+
+
+def _objects(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path):
+    layout = StoreLayout(rows=11, height=8, width=6, shard_size=4)  # the last shard is partial (3 rows)
+    fast, plain = tmp_path / "fast.zarr", tmp_path / "plain.zarr"
+    groups = {path: create_store(str(path), layout, {"candidates": 11}) for path in (fast, plain)}
+    writer = ShardWriter(groups[fast], layout)
+    assert set(writer.encoders) == set(ShardWriter.NAMES) and writer.marker_encoder is not None  # the fast path
+    rng = np.random.default_rng(3)
+    batches = [(0, _shard_rows(rng, 4, 8, 6)), (2, _shard_rows(rng, 3, 8, 6, empty_texts=True)),
+               (1, _shard_rows(rng, 4, 8, 6, empty_images=True)),
+               (0, _shard_rows(rng, 4, 8, 6, empty_images=True, empty_texts=True))]  # a rewrite deletes objects
+    for shard, rows in batches:
+        assert writer.write(shard, rows) == len(rows["dice"])
+        _plain_zarr_write(groups[plain], layout, shard, rows)
+        assert _objects(fast) == _objects(plain), f"after shard {shard}"
+    writer.close()
+    assert not (fast / "image" / "c" / "1").exists() and not (fast / "skip_reason" / "c" / "2").exists()
+    # read back with plain zarr
+    stored, last = zarr.open_group(str(fast), mode="r"), batches[1][1]
+    assert completed_shards(stored).tolist() == [True, True, True]
+    assert np.array_equal(stored["image"][8:11], last["image"]) and np.array_equal(stored["label"][8:11], last["label"])
+    assert [str(v) for v in stored["sample_id"][8:11]] == last["sample_id"]
+    assert np.array_equal(stored["seed"][8:11], last["seed"]) and np.array_equal(stored["passed"][8:11], last["passed"])
+
+
+def test_shard_writer_marks_a_shard_only_once_all_of_it_is_stored():
+    from zarr.storage import MemoryStore
+
+    class FailingStore(MemoryStore):  # every put of the label array fails
+        async def set(self, key, value, byte_range=None):
+            if key.startswith("label/c/"):
+                raise OSError("label put failed")
+            await super().set(key, value)
+
+    layout = StoreLayout(rows=8, height=4, width=4, shard_size=4)
+    store = FailingStore()
+    group = create_store(store, layout, {})
+    writer = ShardWriter(group, layout)
+    with pytest.raises(OSError, match="label put failed"):
+        writer.write(1, _shard_rows(np.random.default_rng(0), 4, 4, 4))
+    assert not completed_shards(zarr.open_group(store=store, mode="r")).any()
 
 
 def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
