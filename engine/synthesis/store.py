@@ -135,9 +135,10 @@ class _ShardEncoder:
     encodes synchronously (zarr's own bytes, crc32c, zstd, blosc, gzip, transpose, vlen codecs);
     :meth:`supports` says so, else the writer goes through plain zarr for that array.
 
-    zarr's own write path costs ~10x the encoding here: per inner chunk it schedules coroutines and
-    hops to a thread for each compressor call, and for a sharded array it first tries to read the
-    existing shard (one extra GET per array and shard on object storage).
+    Why not ``array[start:stop] = value``: zarr's write path costs about 4x the encoding itself here
+    (32 shards of 16 96x96 candidates: 1.1 s vs 0.26 s locally), scheduling coroutines per inner
+    chunk and hopping to a worker thread for each compressor call, and for a sharded array it first
+    tries to read the existing shard (one extra GET per array and shard on object storage).
     """
 
     def __init__(self, array):
@@ -286,9 +287,31 @@ async def _put(items) -> None:
     await asyncio.gather(*(path.set(data) if data is not None else path.delete() for path, data in items))
 
 
+def _open_arrays(group, names: tuple[str, ...]) -> dict[str, Any]:
+    """``{name: group[name]}``, the metadata documents read concurrently (one round trip on object
+    storage instead of one per array)."""
+    import asyncio
+
+    import zarr
+    from zarr.core.sync import sync
+
+    async_group = getattr(group, "_async_group", None)
+    if async_group is None:
+        return {name: group[name] for name in names}
+
+    async def open_all():
+        return await asyncio.gather(*(async_group.getitem(name) for name in names))
+
+    arrays = dict(zip(names, sync(open_all()), strict=True))
+    for name, node in arrays.items():
+        if not isinstance(node, zarr.AsyncArray):
+            raise ValueError(f"{group.store_path}: {name!r} is not an array")
+    return {name: zarr.Array(node) for name, node in arrays.items()}
+
+
 class ShardWriter:
-    """Writes whole shards into an open store: the arrays are opened once (one metadata read each);
-    each array's shard object is encoded in the calling thread with the array's own codecs (the
+    """Writes whole shards into an open store: the arrays are opened once (their metadata read
+    concurrently); each array's shard object is encoded in the calling thread with the array's own codecs (the
     bytes zarr would write, see :class:`_ShardEncoder`), all of a shard's objects are put
     concurrently, one put each, and its completion flag is put only once they all are stored.
 
@@ -300,8 +323,9 @@ class ShardWriter:
     NAMES = (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS)
 
     def __init__(self, group, layout: StoreLayout | None = None):
-        self.arrays = {name: group[name] for name in self.NAMES}
-        self.marker = group[MARKER]
+        arrays = _open_arrays(group, (*self.NAMES, MARKER))
+        self.marker = arrays.pop(MARKER)
+        self.arrays = arrays
         n, h, w = self.arrays["image"].shape
         self.layout = layout or StoreLayout(int(n), int(h), int(w), int(self.arrays["dice"].chunks[0]))
         size = self.layout.shard_size
@@ -339,7 +363,8 @@ class ShardWriter:
         # first arrays overlaps the encoding of the next ones; arrays with codecs the encoder does
         # not run go through plain zarr (still one put per shard object).
         loop = _zarr_loop()
-        pending = [asyncio.run_coroutine_threadsafe(self.arrays[name].async_array.setitem(slice(start, stop), value), loop)
+        pending = [asyncio.run_coroutine_threadsafe(self.arrays[name].async_array.setitem(slice(start, stop), value),
+                                                    loop)
                    for name, value in values.items() if name not in self.encoders]
         try:
             for name, encoder in self.encoders.items():
