@@ -1,8 +1,11 @@
 """Stage: train the LGESynthNet generator (DOMAIN.md section 4) in two phases on Ray Train.
 
-1. ``base``: the inpainting UNet learns to fill masked regions, on positive slices (mask = the
-   dilated scar, caption = the slice's caption) and on negative slices (mask = a parametric scar
-   region drawn by the scar sampler, caption = "no enhancement", no scar), ControlNet idle.
+1. ``base``: the inpainting UNet learns to fill masked regions with enhancement, on positive slices
+   (mask = the dilated scar, caption = the slice's caption), ControlNet idle: the paper trains on
+   scar-positive slices only. ``base_negatives`` adds negative slices (mask = a parametric scar
+   region drawn by the scar sampler, caption = "no enhancement", to be filled with healthy
+   myocardium); on the demo phantom that halves what the generator learns about scar (see
+   benchmarks/RESULTS.md), so it is off by default.
 2. ``controlnet``: the ControlNet learns to steer the frozen base by the scar edge map (or filled
    mask), on positive slices, with the reward loss of the frozen reward model at low-noise
    timesteps; the base trains too only with ``model.train_base``.
@@ -38,7 +41,8 @@ class GeneratorStageConfig:
             a base loaded from ``base_weights``).
         controlnet: training loop of the ControlNet (phase 2).
         ray: workers and resources (both phases).
-        base_negatives: also train the base on negative slices with sampled scar-shaped masks.
+        base_negatives: also train the base on negative slices with sampled scar-shaped masks
+            (off: the paper's positives-only training).
         preview_count: validation samples generated per epoch (val pass rates).
         pass_threshold: Dice above which a generated sample passes the reward filter.
     """
@@ -47,7 +51,7 @@ class GeneratorStageConfig:
     base: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20, batch_size=8, lr=2e-4))
     controlnet: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(epochs=20, batch_size=8, lr=1e-4))
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
-    base_negatives: bool = True
+    base_negatives: bool = False
     preview_count: int = 16
     pass_threshold: float = 0.6
 
