@@ -1,6 +1,9 @@
-"""The command line as a user runs it: the installed ``lgesynth`` script in a subprocess, on real
-files (the phantom cohort written to disk, corrupted copies of it)."""
+"""The command line as a user runs it, on real files (the phantom cohort written to disk, corrupted
+copies of it): the installed ``lgesynth`` script and the module in a subprocess where the process
+matters (the console script, making the cohort), ``engine.cli.main`` in this process elsewhere (the
+same argument parsing and exit codes, without paying each subprocess's imports on two cores)."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,6 +26,23 @@ def run(*args, cwd=None):
     return subprocess.run([*LGESYNTH, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: ``engine.cli.main`` in this process; (exit code, stdout, stderr)."""
+    from engine.cli import main
+
+    def invoke(*args, entry=main):
+        capsys.readouterr()
+        try:
+            code = entry([str(a) for a in args])
+        except SystemExit as stop:  # argparse errors and --help
+            code = stop.code
+        out = capsys.readouterr()
+        return int(code or 0), out.out, out.err
+
+    return invoke
+
+
 @pytest.fixture(scope="module")
 def phantom40(tmp_path_factory):
     """The issue's acceptance cohort: 40 patients, seed 0, full size."""
@@ -33,7 +53,7 @@ def phantom40(tmp_path_factory):
 
 
 def test_phantom_then_validate_exits_zero(phantom40):
-    result = run("validate", phantom40)
+    result = run("validate", phantom40)  # the module in its own process, as `lgesynth` runs it
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
     assert "40 case(s) checked, clean" in result.stderr
@@ -87,36 +107,36 @@ def corrupt_nan(root):
     "corrupt, phrase",
     [(corrupt_truncate, "unreadable or truncated"), (corrupt_remove_label, "missing label file"), (corrupt_nan, "NaN/Inf")],
 )
-def test_validate_bad_cohort_exits_one_with_file_and_reason(phantom40, tmp_path, corrupt, phrase):
+def test_validate_bad_cohort_exits_one_with_file_and_reason(phantom40, tmp_path, corrupt, phrase, cli):
     root = tmp_path / "bad"
     shutil.copytree(phantom40, root)
     path = corrupt(root)
-    result = run("validate", root, "--report", tmp_path / "report.json")
-    assert result.returncode == 1
-    lines = result.stdout.strip().splitlines()
+    code, out, _ = cli("validate", root, "--report", tmp_path / "report.json")
+    assert code == 1
+    lines = out.strip().splitlines()
     assert any(str(path) in line and phrase in line for line in lines), lines
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problems"]
 
 
-def test_validate_empty_cohort(tmp_path):
-    result = run("validate", tmp_path)
-    assert result.returncode == 1 and "empty cohort" in result.stdout
+def test_validate_empty_cohort(tmp_path, cli):
+    code, out, _ = cli("validate", tmp_path)
+    assert code == 1 and "empty cohort" in out
 
 
-def test_preview_of_any_cohort(phantom40, tmp_path):
-    result = run("preview", phantom40, tmp_path / "p.png", "--count", 2)
-    assert result.returncode == 0, result.stderr
+def test_preview_of_any_cohort(phantom40, tmp_path, cli):
+    code, _, err = cli("preview", phantom40, tmp_path / "p.png", "--count", 2)
+    assert code == 0, err
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    result = run("preview", phantom40, tmp_path / "q.png", "--patients", "Case_X999")
-    assert result.returncode == 2 and "Case_X999" in result.stderr
+    code, _, err = cli("preview", phantom40, tmp_path / "q.png", "--patients", "Case_X999")
+    assert code == 2 and "Case_X999" in err
 
 
-def test_phantom_overrides_are_validated(tmp_path):
-    result = run("phantom", tmp_path / "c", "--patients", 2, "image_sise=128")
-    assert result.returncode == 2 and "image_sise" in result.stderr and "image_size" in result.stderr
-    result = run("phantom", tmp_path / "c", "--patients", 2, "image_size=abc")
-    assert result.returncode == 2 and "phantom.image_size" in result.stderr
+def test_phantom_overrides_are_validated(tmp_path, cli):
+    code, _, err = cli("phantom", tmp_path / "c", "--patients", 2, "image_sise=128")
+    assert code == 2 and "image_sise" in err and "image_size" in err
+    code, _, err = cli("phantom", tmp_path / "c", "--patients", 2, "image_size=abc")
+    assert code == 2 and "phantom.image_size" in err
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -135,16 +155,16 @@ def test_every_shipped_config_validates(config):
         ("nonsense", "nonsense"),
     ],
 )
-def test_config_command_names_the_bad_key(override, phrase):
-    result = run("config", "--config", REPO / "configs" / "demo.yaml", override)
-    assert result.returncode == 2
-    assert phrase in result.stderr
+def test_config_command_names_the_bad_key(override, phrase, cli):
+    code, _, err = cli("config", "--config", REPO / "configs" / "demo.yaml", override)
+    assert code == 2
+    assert phrase in err
 
 
-def test_config_command_applies_overrides():
-    result = run("config", "--config", REPO / "configs" / "demo.yaml", "split.seed=7", "cohort.mirrored=true")
-    assert result.returncode == 0, result.stderr
-    assert "seed: 7" in result.stdout and "mirrored: true" in result.stdout
+def test_config_command_applies_overrides(cli):
+    code, out, err = cli("config", "--config", REPO / "configs" / "demo.yaml", "split.seed=7", "cohort.mirrored=true")
+    assert code == 0, err
+    assert "seed: 7" in out and "mirrored: true" in out
 
 
 def test_console_script_is_installed():
@@ -154,18 +174,31 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "one line per" in result.stdout
 
 
-def test_phantom_refuses_a_folder_holding_other_cases(tmp_path):
+def test_phantom_refuses_a_folder_holding_other_cases(tmp_path, cli):
     (tmp_path / "c" / "Case_P001" / "Images").mkdir(parents=True)
-    result = run("phantom", tmp_path / "c", "--patients", 2, "image_size=96")
-    assert result.returncode == 2
-    assert "did not make" in result.stderr and "Case_P001" in result.stderr
+    code, _, err = cli("phantom", tmp_path / "c", "--patients", 2, "image_size=96")
+    assert code == 2
+    assert "did not make" in err and "Case_P001" in err
     assert (tmp_path / "c" / "Case_P001").is_dir()  # nothing of the user's was deleted
 
 
-@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("train_*.py")), ids=lambda p: p.name)
-def test_job_entrypoints_parse_and_validate(job):
-    result = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--config" in result.stdout
+def _job_main(job: Path):
+    spec = importlib.util.spec_from_file_location(f"lgesynth_job_{job.stem}", job)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_a_job_entrypoint_runs_as_a_script():
+    job = REPO / "jobs" / "train_reward.py"
     result = subprocess.run([sys.executable, str(job), "--config", str(REPO / "configs" / "demo.yaml"), "reward.loop.epocs=3"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "reward.loop.epocs" in result.stderr
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.py")), ids=lambda p: p.name)
+def test_job_entrypoints_parse_and_validate(job, cli):
+    code, out, _ = cli("--help", entry=_job_main(job))
+    assert code == 0 and "--config" in out
+    code, _, err = cli("--config", REPO / "configs" / "demo.yaml", "reward.loop.epocs=3", entry=_job_main(job))
+    assert code == 2 and "reward.loop.epocs" in err
