@@ -28,8 +28,12 @@ def stage_config(root, run_dir, extra=()):
     overrides = [f"cohort.root={root}", f"run_dir={run_dir}", *TINY, "split.fractions=[0.5,0.25,0.25]"]
     for loop in LOOPS:
         overrides += [f"{loop}.epochs=1", f"{loop}.batch_size=4", f"{loop}.max_steps=2"]
-    for stage in ("reward", "vae", "generator", "downstream"):
-        overrides += [f"{stage}.ray.num_workers=2", f"{stage}.ray.checkpoint_every_steps=1"]
+    # Two workers (DDP on two nodes) where the stage's model makes DDP interesting: the generator
+    # (frozen text encoder, VAE and reward model beside the trained UNet/ControlNet) and the
+    # downstream model; one worker elsewhere (each extra worker costs ~7 s of start-up on two cores;
+    # test_distributed covers two-node DDP, worker death and resumption).
+    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 2)):
+        overrides += [f"{stage}.ray.num_workers={workers}", f"{stage}.ray.checkpoint_every_steps=1"]
     return from_dict(EngineConfig, apply_overrides({}, [*overrides, *extra]))
 
 
@@ -105,7 +109,8 @@ def test_downstream_trains_on_real_plus_synthetic_from_a_zarr_store(trained_run)
     group.create_array("label", data=label)
     group.create_array("passed", data=np.array([True] * 4 + [False] * 2))
     mixed = stage_config(base / "cohort", base / "run", [f"downstream.synthetic={store}", "downstream.n_synthetic=4",
-                                                         "downstream.name=downstream-mixed"])
+                                                         "downstream.name=downstream-mixed",
+                                                         "downstream.ray.num_workers=1"])
     metrics = train_downstream(mixed)
     record = json.loads((Path(cfg.run_dir) / "downstream-mixed" / "downstream.json").read_text())
     assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4

@@ -141,13 +141,18 @@ class DiffusionActor:
         return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = []
-        for row in _rows(batch):
-            meta = json.loads(str(row["meta"]))
-            generated = self.generate({**row, "caption": meta["caption"]}, meta["noise_seed"])
-            # what the filter needs, not the inputs it does not (less to move between actors)
-            rows.append({k: v for k, v in row.items() if k not in ("image", "mask")} | {"generated": generated})
-        return _stack_rows(rows)
+        return generated_rows(batch, self.generate)
+
+
+def generated_rows(batch: dict[str, Any], generate) -> dict[str, Any]:
+    """The diffusion stage's output rows: each shard's inputs with ``generated`` = ``generate(inputs,
+    noise_seeds)``, less what the filter does not need (less to move between actors)."""
+    rows = []
+    for row in _rows(batch):
+        meta = json.loads(str(row["meta"]))
+        generated = generate({**row, "caption": meta["caption"]}, meta["noise_seed"])
+        rows.append({k: v for k, v in row.items() if k not in ("image", "mask")} | {"generated": generated})
+    return _stack_rows(rows)
 
 
 def load_reward(reward_folder: str | Path):

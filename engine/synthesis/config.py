@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.synthesis.methods import METHODS, PasteConfig
+
 STORE_NAME = "synthetic.zarr"
 # Keys that would put a secret into a config file (and from there into logs and store attributes).
 CREDENTIAL_KEYS = frozenset({
@@ -82,6 +84,9 @@ class SynthesisConfig:
         threshold: a candidate passes when Dice(predicted scar, conditioning mask) > threshold.
         keep_rejected: keep the images of rejected candidates (else only their metadata: dice,
             caption, source, spec; image, label and condition stay empty).
+        method: what fills the scar region (:mod:`engine.synthesis.methods`): "lgesynthnet" (the
+            trained generator) or "paste" (the model-free control, settings in ``paste``).
+        paste: the paste control's settings.
         generator: folder of the exported generator (empty: ``<run_dir>/generator``).
         reward: folder of the exported reward model (empty: ``<run_dir>/reward``).
         diffusion: the diffusion actor pool.
@@ -101,6 +106,8 @@ class SynthesisConfig:
     num_inference_steps: int = 0
     threshold: float = 0.6
     keep_rejected: bool = False
+    method: Literal["lgesynthnet", "paste"] = "lgesynthnet"
+    paste: PasteConfig = field(default_factory=PasteConfig)
     generator: str = ""
     reward: str = ""
     diffusion: ActorPoolConfig = field(default_factory=ActorPoolConfig)
@@ -114,6 +121,8 @@ class SynthesisConfig:
             raise ValueError(
                 f"storage_options must not hold credentials ({', '.join(bad)}): set them in the environment "
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the cloud's provider chain)")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {self.split!r}")
         for name, lo in (("candidates_per_slice", 1), ("seed", 0), ("max_candidates", 0), ("shard_size", 1),

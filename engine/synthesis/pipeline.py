@@ -4,7 +4,8 @@
 
     shard ids (only those not yet complete in the store)
       -> prepare_shards   (tasks: scar masks, edge maps, captions)
-      -> DiffusionActor   (actor pool, generator loaded once per actor)
+      -> DiffusionActor   (actor pool, generator loaded once per actor; or another method's actor,
+                           engine.synthesis.methods, e.g. the model-free paste control)
       -> FilterActor      (actor pool, frozen reward model: Dice, passed, label)
       -> ZarrShardDatasink (write tasks: each shard written whole, then marked complete)
 
@@ -40,7 +41,7 @@ from engine.synthesis.store import (
 
 # Settings that change what the store holds; the others (actors, batch sizes, addresses) do not.
 CONTENT_KEYS = ("split", "candidates_per_slice", "seed", "max_candidates", "shard_size",
-                "num_inference_steps", "threshold", "keep_rejected")
+                "num_inference_steps", "threshold", "keep_rejected", "method")
 
 
 def _engine_version() -> str:
@@ -122,14 +123,18 @@ class SynthesisJob:
         self.generator_folder = syn.generator_folder(cfg.run_dir)
         self.reward_folder = syn.reward_folder(cfg.run_dir)
         self.vae_folder = Path(cfg.vae.folder(cfg.run_dir)).absolute()
-        self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "vae": self.vae_folder,
-                                              "unet": self.generator_folder, "controlnet": self.generator_folder})
-        record = json.loads((self.generator_folder / "controlnet.json").read_text())["config"]
-        model_cfg = GeneratorConfig.from_dict(read_model_config(self.generator_folder, "controlnet")["model"])
-        self.data_cfg = generator_data_config(cfg.data, model_cfg)
-        if int(record.get("crop_size", cfg.data.crop_size)) != cfg.data.crop_size:
-            raise ValueError(f"{self.generator_folder}: the generator was trained on {record['crop_size']} px crops, "
-                             f"the config asks for data.crop_size={cfg.data.crop_size}")
+        if syn.method == "lgesynthnet":
+            self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "vae": self.vae_folder,
+                                                  "unet": self.generator_folder, "controlnet": self.generator_folder})
+            record = json.loads((self.generator_folder / "controlnet.json").read_text())["config"]
+            model_cfg = GeneratorConfig.from_dict(read_model_config(self.generator_folder, "controlnet")["model"])
+            self.data_cfg = generator_data_config(cfg.data, model_cfg)
+            if int(record.get("crop_size", cfg.data.crop_size)) != cfg.data.crop_size:
+                raise ValueError(f"{self.generator_folder}: the generator was trained on {record['crop_size']} px crops, "
+                                 f"the config asks for data.crop_size={cfg.data.crop_size}")
+        else:  # a model-free method: only the filter's reward model; conditions as the run's data section
+            self.checkpoints = checkpoint_hashes({"reward": self.reward_folder})
+            self.data_cfg = cfg.data
         if parts is None:
             parts, _ = prepare_arrays(cfg)
         self.plan = make_plan(parts[syn.split], syn.candidates_per_slice, syn.seed, syn.max_candidates)
@@ -147,6 +152,8 @@ class SynthesisJob:
             "scar_sampler": to_dict(cfg.scar_sampler), "data": to_dict(self.data_cfg),
             "reference_angle": cfg.cohort.reference_angle, "checkpoints": self.checkpoints,
         }
+        if syn.method == "paste":
+            content["paste"] = to_dict(syn.paste)
         self.fingerprint = _fingerprint(content)
         self.attrs = {
             "format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": self.fingerprint,
@@ -171,11 +178,16 @@ class SynthesisJob:
         return create_store(self.url, self.layout, self.attrs, opts)
 
     def actor_args(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        from engine.config import to_dict
+
         syn = self.syn
-        diffusion = {"generator_folder": str(self.generator_folder), "vae_folder": str(self.vae_folder),
-                     "batch_size": syn.batch_size, "num_inference_steps": syn.num_inference_steps,
-                     "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
-                     "torch_threads": syn.diffusion.torch_threads}
+        if syn.method == "paste":
+            diffusion: dict[str, Any] = {"paste": to_dict(syn.paste)}
+        else:
+            diffusion = {"generator_folder": str(self.generator_folder), "vae_folder": str(self.vae_folder),
+                         "batch_size": syn.batch_size, "num_inference_steps": syn.num_inference_steps,
+                         "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
+                         "torch_threads": syn.diffusion.torch_threads}
         filt = {"reward_folder": str(self.reward_folder), "threshold": syn.threshold,
                 "keep_rejected": syn.keep_rejected, "batch_size": syn.batch_size, "num_gpus": syn.filter.num_gpus,
                 "dtype": syn.filter.dtype, "torch_threads": syn.filter.torch_threads}
@@ -186,14 +198,15 @@ class SynthesisJob:
         """The lazy Ray Dataset of the pipeline over shards ``todo`` (one row per shard)."""
         import ray
 
-        from engine.synthesis.actors import DiffusionActor, FilterActor, prepare_shards
+        from engine.synthesis.actors import FilterActor, prepare_shards
+        from engine.synthesis.methods import method_actor
 
         syn = self.syn
         diffusion_args, filter_args = self.actor_args()
         ds = ray.data.from_items([{"shard": int(i)} for i in todo], override_num_blocks=max(1, len(todo)))
         ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(self.context)},
                             num_cpus=syn.prepare_cpus)
-        ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
+        ds = ds.map_batches(method_actor(syn.method), batch_size=1, fn_constructor_kwargs=diffusion_args,
                             compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
                             num_gpus=syn.diffusion.num_gpus or None)
         return ds.map_batches(FilterActor, batch_size=1, fn_constructor_kwargs=filter_args,
@@ -222,10 +235,11 @@ class SynthesisJob:
 
     def run_sequential(self, todo: list[int], log: Callable[[str], None]) -> None:
         """The same steps in one process, shard after shard, no Ray (the benchmark's reference loop)."""
-        from engine.synthesis.actors import DiffusionActor, FilterActor, prepare_shards, unpack_store_rows
+        from engine.synthesis.actors import FilterActor, prepare_shards, unpack_store_rows
+        from engine.synthesis.methods import method_actor
 
         diffusion_args, filter_args = self.actor_args()
-        diffusion, filt = DiffusionActor(**diffusion_args), FilterActor(**filter_args)
+        diffusion, filt = method_actor(self.syn.method)(**diffusion_args), FilterActor(**filter_args)
         writer = ShardWriter(open_store(self.url, "r+", self.syn.storage_options), self.layout)
         start, every = time.perf_counter(), max(1, len(todo) // 10)
         try:
@@ -261,7 +275,7 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
     done = completed_shards(group)
     todo = [int(i) for i in np.flatnonzero(~done)]
     rows = sum(job.layout.shard_rows(i)[1] - job.layout.shard_rows(i)[0] for i in todo)
-    log(f"synthesis: {job.layout.rows} candidates in {job.layout.shards} shards -> {job.url}; "
+    log(f"synthesis ({job.syn.method}): {job.layout.rows} candidates in {job.layout.shards} shards -> {job.url}; "
         f"{len(todo)} shard(s) ({rows} candidates) to make, {int(done.sum())} already complete; "
         f"{len(job.plan.skipped)} apex candidate(s) not planned")
     start = time.perf_counter()
@@ -274,7 +288,7 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
         raise RuntimeError(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
                            "after the pipeline finished; re-run to complete them")
     update_attrs(group, complete=True, summary=summary)
-    summary.update(store=job.url, written=rows, seconds=round(seconds, 3),
+    summary.update(store=job.url, method=job.syn.method, written=rows, seconds=round(seconds, 3),
                    candidates_per_s=round(rows / seconds, 3) if rows and seconds > 0 else 0.0)
     log(f"synthesis: {summary['candidates']} candidates, {summary['made']} made, {summary['kept']} kept "
         f"(pass rate {summary['pass_rate']:.1%} at Dice > {job.syn.threshold}), {summary['skipped']} without a scar; "
