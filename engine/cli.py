@@ -129,6 +129,17 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.evaluation.run import evaluate
+    from engine.settings import EngineConfig
+
+    cfg = load_config(EngineConfig, args.config, args.overrides)
+    result = evaluate(cfg, sequential=args.sequential)
+    print(open(result["report"]["markdown"]).read())
+    return 0
+
+
 def _storage_options(pairs: list[str]) -> dict:
     import yaml
 
@@ -210,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one process, shard after shard, no Ray (reference and debugging)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. synthesis.candidates_per_slice=2")
     p.set_defaults(handler=_synthesize)
+
+    p = sub.add_parser("evaluate", help="the three gates (realism, alignment, utility) for real-only and each method",
+                       description="Realism (held-out real positives refilled), alignment (each method's candidates through "
+                                   "the same filter) and utility (downstream models real-only vs + N synthetic over seeds, "
+                                   "tested on the test patients) for evaluation.methods; the report (JSON, markdown, PNG) "
+                                   "goes to evaluation.report_dir (default <run_dir>/reports). A re-run reuses what is done.")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("--sequential", action="store_true", help="make the method stores without Ray Data (debugging)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. evaluation.seeds=[0,1,2]")
+    p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("check-store", help="verify a synthetic store; exit 1 with one line per problem",
                        description="Verify a synthetic store: row count, unique ids, no NaN, valid labels, every "

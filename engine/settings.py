@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.anatomy.masks import ScarSamplerConfig
+from engine.evaluation.gates import EvaluationConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
 from engine.phantom.config import PhantomConfig
@@ -37,6 +38,7 @@ class EngineConfig:
         generator: the LGESynthNet stage (base inpainting UNet, then ControlNet with reward loss).
         downstream: the downstream segmenter stage (real only, or real + synthetic).
         synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
+        evaluation: the three gates (methods compared, seeds, synthetic samples per method).
 
     Example:
         >>> from engine.config import load_config
@@ -55,6 +57,7 @@ class EngineConfig:
     generator: GeneratorStageConfig = field(default_factory=GeneratorStageConfig)
     downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -1,0 +1,160 @@
+"""The three gates of DOMAIN.md section 5, each a function of exported models, stores and real slices.
+
+- realism: held-out real positive slices, the scar region masked and refilled by a method with the
+  real scar's edge map and caption; SSIM and RMSE against the real image, whole and LV crop.
+- alignment: on a method's synthetic candidates (a store), the pass rate at the filter threshold and
+  Dice-TP; the reward model's pass rate on real positives is the reference (paper: 35.6%).
+- utility: a downstream model trained on real train patients only, or with N filtered synthetic
+  samples, tested on real test patients: Dice, Dice-TP, accuracy, balanced accuracy, [TN, FP, FN, TP].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QUALITY_KEYS = ("ssim_whole", "ssim_crop", "rmse_whole", "rmse_crop")
+
+
+@dataclass
+class EvaluationConfig:
+    """``lgesynth evaluate``.
+
+    Args:
+        methods: synthesis methods compared (:mod:`engine.synthesis.methods`); every report also
+            holds the real-only row, and should hold ``paste``, the model-free control.
+        realism_split: whose real positive slices the realism gate refills ("test": held out).
+        realism_max: at most this many positive slices for the realism gate (0: all).
+        seeds: downstream training seeds of the utility gate (mean and spread over them; >= 3
+            for a figure anyone should believe).
+        n_synthetic: filtered synthetic samples added to the real training slices per method (the
+            paper: 300); when a method kept fewer, all it kept are used and the report says so.
+        equal_n: every method adds the same number of samples (the fewest any method kept, at
+            most ``n_synthetic``), so that utility compares methods and not sample counts.
+        candidates: candidates each method's store holds (0: ``synthesis.max_candidates``).
+        report_dir: where the report goes (empty: ``<run_dir>/reports``).
+        collapse_min_positive: a downstream model that calls fewer test patients positive than
+            this, or all of them, is reported as collapsed.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["paste", "lgesynthnet"])
+    realism_split: str = "test"
+    realism_max: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_synthetic: int = 300
+    equal_n: bool = True
+    candidates: int = 0
+    report_dir: str = ""
+    collapse_min_positive: int = 1
+
+    def __post_init__(self) -> None:
+        from engine.synthesis.methods import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct names from {', '.join(METHODS)}, got {self.methods}")
+        if self.realism_split not in ("train", "val", "test"):
+            raise ValueError(f"realism_split must be 'train', 'val' or 'test', got {self.realism_split!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
+        for name in ("realism_max", "n_synthetic", "candidates", "collapse_min_positive"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    """``{"mean", "sd", "n"}`` of the finite values (sd with ddof=1; 0 for one value; NaN for none)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if not len(v):
+        return {"mean": float("nan"), "sd": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def realism_items(arrays, data_cfg, max_slices: int = 0) -> dict[str, Any]:
+    """The realism gate's inputs: every positive slice of ``arrays`` (at most ``max_slices``, the first
+    in slice order) with its real scar as the region to refill, its edge map and caption."""
+    from engine.training.data import inpainting_arrays
+
+    items = inpainting_arrays(arrays, data_cfg)
+    n = len(items["image"]) if not max_slices else min(max_slices, len(items["image"]))
+    items = {k: v[:n] for k, v in items.items()}
+    items["source_label"] = items["label"]  # what the paste control measures the blood pool on
+    return items
+
+
+def realism(actor, items: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Refill ``items`` with a method's actor (``generate(inputs, noise_seeds)``) and score the result
+    against the real images: per-sample SSIM/RMSE (whole, LV crop), their means and SDs, and the
+    generated images in [0, 1] (for the figures)."""
+    from engine.evaluation.metrics import image_quality
+
+    seeds = [int(seed) * 1_000_003 + i for i in range(len(items["image"]))]
+    generated = np.asarray(actor.generate(items, seeds), np.float32)
+    gen01 = np.clip((generated[:, 0] + 1.0) / 2.0, 0.0, 1.0)
+    real01 = (np.asarray(items["image"], np.float32)[:, 0] + 1.0) / 2.0
+    scores = [image_quality(g, r, lab) for g, r, lab in zip(gen01, real01, items["label"], strict=True)]
+    out: dict[str, Any] = {"slices": len(scores), "seed": int(seed)}
+    for key in QUALITY_KEYS:
+        out[key] = mean_sd([s[key] for s in scores])
+    out["images"] = gen01
+    return out
+
+
+def real_positive_reference(reward_folder: str | Path, arrays, threshold: float) -> dict[str, float]:
+    """The alignment gate's reference: the frozen reward model on real positive slices (pass rate at
+    ``threshold``, Dice, Dice-TP). The paper's reward model passes 35.6% of real positives."""
+    from engine.synthesis.actors import load_reward
+    from engine.training.segmentation import scar_validation
+
+    model = load_reward(reward_folder)
+    positive = (arrays.label >= 3).reshape(len(arrays), -1).any(1)
+    metrics = scar_validation(model, arrays.image[positive], arrays.label[positive], "-1,1", "cpu", threshold)
+    return {"slices": int(positive.sum()), "pass_rate": metrics.get("val_pass_rate", float("nan")),
+            "dice": metrics.get("val_scar_dice", float("nan")), "dice_tp": metrics.get("val_scar_dice_tp", float("nan"))}
+
+
+def store_alignment(url: str, threshold: float, storage_options: dict | None = None) -> dict[str, Any]:
+    """Alignment of a method's candidates from its store: pass rate over the candidates made (Dice >
+    ``threshold``) and Dice-TP, the mean Dice over candidates whose scar the reward model found at
+    all (Dice > 0: the conditioning scar always holds scar, so these are its true positives; a
+    prediction that misses the scar entirely counts as not found). Also the Dice values (histograms)."""
+    from engine.synthesis.store import open_store
+
+    group = open_store(url, "r", storage_options)
+    dice = np.asarray(group["dice"][:], np.float64)
+    made = np.asarray([not str(r) for r in group["skip_reason"][:]], bool)
+    dice = dice[made]
+    found = dice > 0
+    return {"candidates": int(made.size), "made": int(made.sum()), "kept": int((dice > threshold).sum()),
+            "pass_rate": float((dice > threshold).mean()) if dice.size else float("nan"),
+            "dice_tp": float(dice[found].mean()) if found.any() else float("nan"),
+            "found_rate": float(found.mean()) if dice.size else float("nan"), "dice": dice}
+
+
+def test_downstream(folder: str | Path, arrays, collapse_min_positive: int = 1) -> dict[str, Any]:
+    """An exported downstream model (``<folder>/downstream.*``) on real slices (the test patients):
+    slice scar Dice on positives, Dice-TP, patient-level detection and its confusion matrix, and
+    whether the model collapsed (called fewer than ``collapse_min_positive`` patients positive, or all)."""
+    import torch
+
+    from engine.models.downstream import DownstreamModelConfig, build_downstream_model
+    from engine.training.checkpoint import load_model_weights, read_model_config
+    from engine.training.downstream import patient_detection_metrics
+    from engine.training.segmentation import scar_validation
+
+    record = read_model_config(folder, "downstream")
+    model = build_downstream_model(DownstreamModelConfig.from_dict(record["model"]))
+    load_model_weights(folder, "downstream", model)
+    model.eval()
+    device = torch.device("cpu")
+    seg = scar_validation(model, arrays.image, arrays.label, "0,1", device)
+    det = patient_detection_metrics(model, arrays, device, float(record.get("detection_min_pixels", 10.0)))
+    tn, fp, fn, tp = (int(det[f"val_{k}"]) for k in ("tn", "fp", "fn", "tp"))
+    called = fp + tp
+    return {"dice": seg.get("val_scar_dice", float("nan")), "dice_tp": seg.get("val_scar_dice_tp", float("nan")),
+            "accuracy": det["val_patient_accuracy"], "balanced_accuracy": det["val_patient_balanced_accuracy"],
+            "confusion": [tn, fp, fn, tp], "patients": tn + fp + fn + tp,
+            "collapsed": bool(called < collapse_min_positive or called == tn + fp + fn + tp)}

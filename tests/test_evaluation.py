@@ -1,0 +1,121 @@
+"""The three-gate evaluation: realism against an identity refill, alignment from a store, the
+verdict against the paste control, and `lgesynth evaluate` end to end on the session's Ray cluster
+(tiny models, one seed: the harness, not the science)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.evaluation.gates import EvaluationConfig, mean_sd, realism, realism_items, store_alignment
+from engine.evaluation.report import markdown, verdict
+from engine.synthesis.actors import DiffusionActor
+from engine.synthesis.methods import PasteActor
+from engine.synthesis.pipeline import SynthesisJob, synthesize
+from engine.training.prepare import prepare_arrays
+from tests.synth_helpers import make_tiny_run, tiny_config
+
+QUIET = lambda _: None  # noqa: E731
+DOWNSTREAM = ["downstream.model.init_features=8", "downstream.model.growth_rate=4", "downstream.model.block_config=[1,1,1,1]",
+              "downstream.model.decoder_channels=[16,8,8,8,4]", "downstream.loop.epochs=1", "downstream.loop.batch_size=4",
+              "downstream.loop.max_steps=2", "downstream.ray.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("evaluation"), patients=8)
+
+
+class Identity:
+    """A 'method' that gives back the real image: realism must be perfect."""
+
+    def generate(self, inputs, noise_seeds):
+        return np.asarray(inputs["image"], np.float32)
+
+
+def test_realism_is_perfect_for_the_real_image_and_not_for_a_refill(base, tmp_path):
+    cfg = tiny_config(base, tmp_path)
+    parts = prepare_arrays(cfg)[0]
+    items = realism_items(parts["train"], cfg.data, max_slices=4)
+    assert len(items["image"]) == 4 and (items["scar"] > 0).any()
+    perfect = realism(Identity(), items, seed=0)
+    assert perfect["ssim_whole"]["mean"] == pytest.approx(1.0) and perfect["rmse_crop"]["mean"] == pytest.approx(0.0)
+    pasted = realism(PasteActor({"blood_ratio": 3.0, "noise": 0.0}), items, seed=0)
+    assert pasted["ssim_crop"]["mean"] < 1.0 and pasted["rmse_crop"]["mean"] > pasted["rmse_whole"]["mean"] > 0
+    job = SynthesisJob(cfg, parts)
+    generated = realism(DiffusionActor(**job.actor_args()[0]), realism_items(parts["train"], job.data_cfg, 2), seed=1)
+    assert generated["slices"] == 2 and generated["images"].shape == (2, 64, 64)
+    assert -1.0 <= generated["ssim_whole"]["mean"] <= 1.0
+
+
+def test_store_alignment_matches_the_synthesis_summary(base, tmp_path):
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=8", "synthesis.method=paste", "synthesis.threshold=0.2"])
+    summary = synthesize(cfg, sequential=True, log=QUIET)
+    ali = store_alignment(cfg.synthesis.store_url(cfg.run_dir), 0.2)
+    assert ali["made"] == summary["made"] and ali["kept"] == summary["kept"]
+    assert ali["pass_rate"] == pytest.approx(summary["pass_rate"])
+    found = ali["dice"][ali["dice"] > 0]
+    assert (math.isnan(ali["dice_tp"]) and not len(found)) or ali["dice_tp"] == pytest.approx(found.mean())
+
+
+def _entry(ssim, bacc, sds=(0.01, 0.01, 0.01), collapsed=0):
+    runs = [{"seed": s, "collapsed": i < collapsed, "n_synthetic": 10, "confusion": [1, 0, 0, 1]} for i, s in enumerate((0, 1, 2))]
+    return {"realism": {"ssim_crop": {"mean": ssim, "sd": 0.0}},
+            "alignment": {"made": 10, "pass_rate": 0.5, "dice_tp": 0.7, "dice": np.zeros(1)},
+            "utility": {"balanced_accuracy": {"mean": bacc, "sd": sds[0]}, "dice": mean_sd([0.5]), "dice_tp": mean_sd([0.5]),
+                        "accuracy": mean_sd([bacc]), "collapsed": collapsed, "runs": runs}}
+
+
+def test_verdict_against_the_paste_control():
+    result = {"threshold": 0.6, "seeds": [0, 1, 2], "realism_split": "test",
+              "reference": {"slices": 5, "pass_rate": 0.356, "dice_tp": 0.6},
+              "real_only": _entry(0, 0.6, collapsed=2),
+              "methods": {"paste": _entry(0.80, 0.70), "lgesynthnet": _entry(0.60, 0.90)}}
+    lines = verdict(result)
+    assert any(line.startswith("lgesynthnet:") and "does not beat paste" in line and "has shown nothing" in line
+               for line in lines), lines
+    assert any("real only: 2 of 3 downstream runs collapsed" in line for line in lines), lines
+    result["methods"]["lgesynthnet"] = _entry(0.85, 0.705, sds=(0.05,))
+    line = next(x for x in verdict(result) if x.startswith("lgesynthnet:"))
+    assert "within one SD" in line and "beats the model-free control on both gates" in line
+    text = markdown({**result, "seconds": 1})
+    assert "| + paste | 10 |" in text and "| real only |" in text and "35.6%" in text
+
+
+def test_evaluation_config_is_validated():
+    with pytest.raises(ValueError, match="methods"):
+        EvaluationConfig(methods=["spade"])
+    with pytest.raises(ValueError, match="seeds"):
+        EvaluationConfig(seeds=[1, 1])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_evaluate_command_end_to_end(ray_cluster, base, tmp_path, capsys):
+    from engine.cli import main
+    from engine.config import dump_config
+
+    cfg = tiny_config(base, tmp_path / "run", ["synthesis.threshold=-1.0", "evaluation.methods=[paste]", "evaluation.seeds=[0]",
+                                               "evaluation.n_synthetic=50", "evaluation.candidates=6",
+                                               "evaluation.realism_split=train", "evaluation.realism_max=3", *DOWNSTREAM])
+    config = tmp_path / "run.yaml"
+    dump_config(cfg, config)
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(config), "--sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "| real only |" in out and "| + paste | 6 |" in out  # all 6 kept (threshold -1) < 50 asked
+    reports = Path(cfg.run_dir) / "reports"
+    result = json.loads((reports / "evaluation.json").read_text())
+    paste = result["methods"]["paste"]
+    assert paste["alignment"]["made"] == 6 and paste["realism"]["slices"] == 3
+    assert paste["utility_note"] == "only 6 kept: 6 added instead of 50"
+    for entry in (result["real_only"], paste):
+        run = entry["utility"]["runs"][0]
+        assert run["seed"] == 0 and sum(run["confusion"]) == run["patients"] > 0
+    assert "no paste control" not in " ".join(result["verdict"])
+    for png in ("realism.png", "samples.png", "dice_hist.png"):
+        assert (reports / png).stat().st_size > 5_000, png
+    record = json.loads((Path(cfg.run_dir) / "evaluation-paste-s0" / "downstream.json").read_text())
+    assert record["config"]["n_synthetic"] == 6
