@@ -319,3 +319,23 @@ def test_config_round_trips_through_plain_data():
     assert GeneratorConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="guidance_scale"):
         tiny_config(guidance_scale=0.5)
+
+
+def test_a_skipped_base_needs_an_exported_base_and_a_stage_must_train(tmp_path):
+    import shutil
+
+    from engine.config import ConfigError
+    from engine.training.generator import train_generator
+    from tests.synth_helpers import make_tiny_run, tiny_config
+
+    base = make_tiny_run(tmp_path / "tiny")
+    run = tmp_path / "run"
+    shutil.copytree(base / "models" / "reward", run / "reward")  # a reward model, but no generator yet
+    cfg = tiny_config(base, run, ["generator.base.epochs=0", "generator.controlnet.epochs=1"])
+    with pytest.raises(ValueError, match="no exported base"):
+        train_generator(cfg)
+    for overrides, message in ((["generator.base.epochs=0", "generator.controlnet.epochs=0"], "nothing to train"),
+                               (["reward.loop.epochs=0"], "loop.epochs must be >= 1"),
+                               (["downstream.loop.epochs=0"], "loop.epochs must be >= 1")):
+        with pytest.raises((ValueError, ConfigError), match=message):
+            tiny_config(base, run, overrides)

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.models.downstream import DownstreamModelConfig
 from engine.training.distributed import RayTrainConfig
-from engine.training.loop import TrainLoopConfig
+from engine.training.loop import TrainLoopConfig, require_epochs
 
 STAGE = "downstream"
 INPUT_RANGE = "0,1"
@@ -45,6 +45,7 @@ class DownstreamStageConfig:
     name: str = STAGE
 
     def __post_init__(self) -> None:
+        require_epochs(self.loop, "loop")
         if self.n_synthetic < 0:
             raise ValueError(f"n_synthetic must be >= 0, got {self.n_synthetic}")
         if self.detection_min_pixels < 0:

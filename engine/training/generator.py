@@ -37,8 +37,8 @@ PHASES = ("base", "controlnet")
 class GeneratorStageConfig:
     """Args:
         model: the generator (its ``vae`` section is replaced by the trained VAE's config).
-        base: training loop of the inpainting UNet (phase 1; ``epochs: 0`` skips it, e.g. with
-            a base loaded from ``base_weights``).
+        base: training loop of the inpainting UNet (phase 1; ``epochs: 0`` skips it: the ControlNet
+            phase then starts from the base already exported in ``<run_dir>/generator``).
         controlnet: training loop of the ControlNet (phase 2).
         ray: workers and resources (both phases).
         base_negatives: also train the base on negative slices with sampled scar-shaped masks
@@ -54,6 +54,10 @@ class GeneratorStageConfig:
     base_negatives: bool = False
     preview_count: int = 16
     pass_threshold: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.base.epochs + self.controlnet.epochs < 1:
+            raise ValueError("base.epochs and controlnet.epochs are both 0: nothing to train")
 
 
 def generator_data_config(data_cfg, model: GeneratorConfig):
@@ -205,6 +209,9 @@ def train_generator(cfg) -> dict[str, Any]:
         raise ValueError(f"{vae_folder}: no trained VAE (vae.json); run `lgesynth train vae` first or set vae.pretrained")
     if not (Path(cfg.run_dir) / "reward" / "reward.json").is_file():
         raise ValueError(f"{Path(cfg.run_dir) / 'reward'}: no trained reward model; run `lgesynth train reward` first")
+    if stage.base.epochs == 0 and not (Path(cfg.run_dir) / STAGE / "unet.json").is_file():
+        raise ValueError(f"generator.base.epochs is 0 but {Path(cfg.run_dir) / STAGE} holds no exported base (unet.json) "
+                         "to train the ControlNet on; train the base first")
     parts, _ = prepare_arrays(cfg)
     data_cfg = generator_data_config(cfg.data, stage.model)
     angle = cfg.cohort.reference_angle

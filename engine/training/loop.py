@@ -56,15 +56,22 @@ class TrainLoopConfig:
     schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:  # 0 is for phases that may be skipped; stages that must train check >= 1
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.max_steps < 0:
             raise ValueError("weight_decay, grad_clip and max_steps must be >= 0")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+
+
+def require_epochs(loop: TrainLoopConfig, where: str) -> None:
+    """Raise ValueError unless ``loop`` trains at least one epoch (``where`` names the section)."""
+    if loop.epochs < 1:
+        raise ValueError(f"{where}.epochs must be >= 1, got {loop.epochs}")
 
 
 WARMUP_FRACTION = 0.05

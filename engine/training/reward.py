@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.models.reward import RewardModelConfig
 from engine.training.distributed import RayTrainConfig
-from engine.training.loop import TrainLoopConfig
+from engine.training.loop import TrainLoopConfig, require_epochs
 
 STAGE = "reward"
 INPUT_RANGE = "-1,1"
@@ -35,6 +35,7 @@ class RewardStageConfig:
     pass_threshold: float = 0.6
 
     def __post_init__(self) -> None:
+        require_epochs(self.loop, "loop")
         if not 0.0 <= self.pass_threshold < 1.0:
             raise ValueError(f"pass_threshold must be in [0, 1), got {self.pass_threshold}")
 

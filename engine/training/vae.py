@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.models.vae import VAEConfig
 from engine.training.distributed import RayTrainConfig
-from engine.training.loop import TrainLoopConfig
+from engine.training.loop import TrainLoopConfig, require_epochs
 
 STAGE = "vae"
 
@@ -43,6 +43,7 @@ class VAEStageConfig:
     scaling_images: int = 512
 
     def __post_init__(self) -> None:
+        require_epochs(self.loop, "loop")
         if self.kl_weight < 0 or self.mse_weight < 0:
             raise ValueError("kl_weight and mse_weight must be >= 0")
         if self.scaling_images < 0:
