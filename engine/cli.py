@@ -140,6 +140,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.demo import demo_config, run_demo
+    from engine.settings import EngineConfig
+
+    if not Path(args.config).is_file():
+        raise UsageError(f"{args.config}: no such config (run from the repository root, or pass --config)")
+    cfg = demo_config(load_config(EngineConfig, args.config, args.overrides), args.out)
+    result = run_demo(cfg, sequential=args.sequential)
+    print(Path(result["report"]).read_text())
+    return 0
+
+
 def _storage_options(pairs: list[str]) -> dict:
     import yaml
 
@@ -231,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="make the method stores without Ray Data (debugging)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. evaluation.seeds=[0,1,2]")
     p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("demo", help="the whole loop on the embedded phantom: train, synthesize, evaluate, report",
+                       description="phantom -> validate -> train reward, VAE, generator -> synthesize -> evaluate "
+                                   "(real only vs + paste and + LGESynthNet, over seeds) -> <out>/reports/demo.md. "
+                                   "A re-run reuses every finished step.")
+    p.add_argument("--out", default=None, help="run folder (default: the config's run_dir); the cohort goes to OUT/cohort")
+    p.add_argument("--config", default="configs/demo.yaml", help="run config (default configs/demo.yaml)")
+    p.add_argument("--sequential", action="store_true", help="synthesize without Ray Data (debugging)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. demo.patients=40")
+    p.set_defaults(handler=_demo)
 
     p = sub.add_parser("check-store", help="verify a synthetic store; exit 1 with one line per problem",
                        description="Verify a synthetic store: row count, unique ids, no NaN, valid labels, every "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.anatomy.masks import ScarSamplerConfig
+from engine.demo import DemoConfig
 from engine.evaluation.gates import EvaluationConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
@@ -39,6 +40,7 @@ class EngineConfig:
         downstream: the downstream segmenter stage (real only, or real + synthetic).
         synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
         evaluation: the three gates (methods compared, seeds, synthetic samples per method).
+        demo: what ``lgesynth demo`` adds (phantom size and seed).
 
     Example:
         >>> from engine.config import load_config
@@ -58,6 +60,7 @@ class EngineConfig:
     downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -78,9 +78,15 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
     # killed worker node is noticed in ~5 s, not ~15 s).
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_health_check_period_ms": "1000",
            "RAY_health_check_failure_threshold": "5"}
+    # Ports Ray otherwise takes by fixed default (dashboard agent 52365, client server 10001): free
+    # ones, so the test cluster starts beside any other Ray instance on the machine.
+    ip = next(a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address="))
+    ports = [f"--dashboard-agent-listen-port={_free_port(ip)}", f"--metrics-export-port={_free_port(ip)}"]
+    if "--head" in args:
+        ports.append(f"--ray-client-server-port={_free_port(ip)}")
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [ray_cli, "start", "--block", *args,
+            [ray_cli, "start", "--block", *args, *ports,
              "--num-cpus=1", f"--memory={NODE_MEMORY}", f"--object-store-memory={NODE_OBJECT_STORE}"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,  # own process group
         )

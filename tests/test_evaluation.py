@@ -1,10 +1,8 @@
 """The three-gate evaluation: realism against an identity refill, alignment from a store, the
-verdict against the paste control, and `lgesynth evaluate` end to end on the session's Ray cluster
-(tiny models, one seed: the harness, not the science)."""
+verdict against the paste control. The whole evaluation, downstream trainings included, runs in
+tests/test_stages.py as the last step of `lgesynth demo`."""
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +16,6 @@ from engine.training.prepare import prepare_arrays
 from tests.synth_helpers import make_tiny_run, tiny_config
 
 QUIET = lambda _: None  # noqa: E731
-DOWNSTREAM = ["downstream.model.init_features=8", "downstream.model.growth_rate=4", "downstream.model.block_config=[1,1,1,1]",
-              "downstream.model.decoder_channels=[16,8,8,8,4]", "downstream.loop.epochs=1", "downstream.loop.batch_size=4",
-              "downstream.loop.max_steps=2", "downstream.ray.num_workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -89,33 +84,3 @@ def test_evaluation_config_is_validated():
         EvaluationConfig(methods=["spade"])
     with pytest.raises(ValueError, match="seeds"):
         EvaluationConfig(seeds=[1, 1])
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(420)
-def test_evaluate_command_end_to_end(ray_cluster, base, tmp_path, capsys):
-    from engine.cli import main
-    from engine.config import dump_config
-
-    cfg = tiny_config(base, tmp_path / "run", ["synthesis.threshold=-1.0", "evaluation.methods=[paste]", "evaluation.seeds=[0]",
-                                               "evaluation.n_synthetic=50", "evaluation.candidates=6",
-                                               "evaluation.realism_split=train", "evaluation.realism_max=3", *DOWNSTREAM])
-    config = tmp_path / "run.yaml"
-    dump_config(cfg, config)
-    capsys.readouterr()
-    assert main(["evaluate", "--config", str(config), "--sequential"]) == 0
-    out = capsys.readouterr().out
-    assert "| real only |" in out and "| + paste | 6 |" in out  # all 6 kept (threshold -1) < 50 asked
-    reports = Path(cfg.run_dir) / "reports"
-    result = json.loads((reports / "evaluation.json").read_text())
-    paste = result["methods"]["paste"]
-    assert paste["alignment"]["made"] == 6 and paste["realism"]["slices"] == 3
-    assert paste["utility_note"] == "only 6 kept: 6 added instead of 50"
-    for entry in (result["real_only"], paste):
-        run = entry["utility"]["runs"][0]
-        assert run["seed"] == 0 and sum(run["confusion"]) == run["patients"] > 0
-    assert "no paste control" not in " ".join(result["verdict"])
-    for png in ("realism.png", "samples.png", "dice_hist.png"):
-        assert (reports / png).stat().st_size > 5_000, png
-    record = json.loads((Path(cfg.run_dir) / "evaluation-paste-s0" / "downstream.json").read_text())
-    assert record["config"]["n_synthetic"] == 6

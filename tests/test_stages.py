@@ -1,6 +1,7 @@
-"""Every training stage end to end on the session's real two-node Ray cluster, tiny configs:
-reward -> VAE -> generator (base, then ControlNet with the reward loss) -> downstream (real only and
-real + synthetic from a Zarr store). Exports are safetensors + json; a re-run continues."""
+"""Every stage end to end through `lgesynth demo` on the session's real two-node Ray cluster, tiny
+configs: phantom -> validate -> reward -> VAE -> generator (base, then ControlNet with the reward loss)
+-> synthesis -> evaluation (downstream real only, + paste, + LGESynthNet from their Zarr stores).
+Exports are safetensors + json; a re-run continues."""
 
 import json
 from pathlib import Path
@@ -8,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import apply_overrides, from_dict
-from engine.phantom import write_phantom_cohort
-from engine.phantom.config import PhantomConfig
+from engine.config import apply_overrides, dump_config, from_dict
 from engine.settings import EngineConfig
 from tests.synth_helpers import TINY_MODELS
 
@@ -22,41 +21,45 @@ TINY = [
     "downstream.model.block_config=[1,1,1,1]", "downstream.model.decoder_channels=[16,8,8,8,4]",
 ]
 LOOPS = ["reward.loop", "vae.loop", "generator.base", "generator.controlnet", "downstream.loop"]
+# the demo's own sections, tiny: 8 phantom patients, 6 candidates (all kept: threshold -1), one seed
+DEMO = ["demo.patients=8", "demo.phantom_seed=3", "phantom.image_size=128", "synthesis.threshold=-1.0",
+        "synthesis.max_candidates=6", "synthesis.shard_size=3", "synthesis.candidates_per_slice=1",
+        "evaluation.seeds=[0]", "evaluation.n_synthetic=4", "evaluation.realism_split=train", "evaluation.realism_max=2"]
 
 
-def stage_config(root, run_dir, extra=()):
-    overrides = [f"cohort.root={root}", f"run_dir={run_dir}", *TINY, "split.fractions=[0.5,0.25,0.25]"]
+def stage_config(run_dir, extra=()):
+    overrides = [f"cohort.root={Path(run_dir) / 'cohort'}", f"run_dir={run_dir}", *TINY, *DEMO,
+                 "split.fractions=[0.5,0.25,0.25]"]
     for loop in LOOPS:
         overrides += [f"{loop}.epochs=1", f"{loop}.batch_size=4", f"{loop}.max_steps=2"]
-    # Two workers (DDP on two nodes) where the stage's model makes DDP interesting: the generator
-    # (frozen text encoder, VAE and reward model beside the trained UNet/ControlNet) and the
-    # downstream model; one worker elsewhere (each extra worker costs ~7 s of start-up on two cores;
-    # test_distributed covers two-node DDP, worker death and resumption).
-    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 2)):
+    # Two workers (DDP on two nodes) for the generator, whose frozen text encoder, VAE and reward
+    # model sit beside the trained UNet/ControlNet; one worker elsewhere (each extra worker costs
+    # ~7 s of start-up on two cores; test_distributed covers two-node DDP, worker death, resumption).
+    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 1)):
         overrides += [f"{stage}.ray.num_workers={workers}", f"{stage}.ray.checkpoint_every_steps=1"]
     return from_dict(EngineConfig, apply_overrides({}, [*overrides, *extra]))
 
 
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster, tmp_path_factory):
-    from engine.training.downstream import train_downstream
-    from engine.training.generator import train_generator
-    from engine.training.reward import train_reward
-    from engine.training.vae import train_vae
+    """`lgesynth demo --out RUN --config tiny.yaml --sequential`, as a user runs it."""
+    from engine.cli import main
 
     base = tmp_path_factory.mktemp("stages")
-    write_phantom_cohort(base / "cohort", 8, seed=3, cfg=PhantomConfig(image_size=128))
-    cfg = stage_config(base / "cohort", base / "run")
-    metrics = {"reward": train_reward(cfg), "vae": train_vae(cfg), "generator": train_generator(cfg),
-               "downstream": train_downstream(cfg)}
-    return cfg, base, metrics
+    cfg = stage_config(base / "run")
+    dump_config(stage_config(base / "elsewhere"), base / "tiny.yaml")  # --out moves run and cohort
+    assert main(["demo", "--out", str(base / "run"), "--config", str(base / "tiny.yaml"), "--sequential"]) == 0
+    demo = json.loads((base / "run" / "reports" / "demo.json").read_text())
+    return cfg, base, demo["metrics"]
 
 
 def test_every_stage_exports_safetensors_and_json(trained_run):
     cfg, base, metrics = trained_run
     run = Path(cfg.run_dir)
+    assert (run / "cohort" / "manifest.json").is_file()  # the demo wrote its phantom into --out
     for folder, names in (("reward", ["reward"]), ("vae", ["vae"]), ("generator", ["unet", "controlnet"]),
-                          ("downstream", ["downstream"])):
+                          ("evaluation-real-s0", ["downstream"]), ("evaluation-paste-s0", ["downstream"]),
+                          ("evaluation-lgesynthnet-s0", ["downstream"])):
         for name in names:
             record = json.loads((run / folder / f"{name}.json").read_text())
             assert (run / folder / record["weights"]).stat().st_size > 0
@@ -71,8 +74,30 @@ def test_every_stage_exports_safetensors_and_json(trained_run):
 
     assert load_vae(run / "vae")[0].config.scaling_factor == vae_record["scaling_factor"]
     assert {"val_positive_pass_rate", "loss", "reward"} <= set(metrics["generator"])
-    assert {"val_patient_balanced_accuracy", "val_tp"} <= set(metrics["downstream"])
     assert all(np.isfinite(v) for m in metrics.values() for v in m.values() if isinstance(v, float))
+
+
+def test_the_demo_report_holds_every_step_and_all_three_gates(trained_run):
+    cfg, base, _ = trained_run
+    reports = Path(cfg.run_dir) / "reports"
+    demo = json.loads((reports / "demo.json").read_text())
+    assert [s["step"] for s in demo["steps"]] == ["phantom", "validate", "train reward", "train vae", "train generator",
+                                                  "synthesize", "evaluate"]
+    assert demo["peak_rss_mib"] > 100 and demo["seconds"] > 0
+    result = json.loads((reports / "evaluation.json").read_text())
+    assert result["methods"]["lgesynthnet"]["store"] == cfg.synthesis.store_url(cfg.run_dir)  # the run's own store
+    for method in ("paste", "lgesynthnet"):
+        entry = result["methods"][method]
+        assert entry["realism"]["slices"] == 2 and entry["alignment"]["made"] == 6
+        run = entry["utility"]["runs"][0]
+        assert run["seed"] == 0 and run["n_synthetic"] == 4 and sum(run["confusion"]) == run["patients"] > 0
+        record = json.loads((Path(cfg.run_dir) / f"evaluation-{method}-s0" / "downstream.json").read_text())
+        assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4
+    assert any(line.startswith("lgesynthnet:") and "paste" in line for line in result["verdict"])
+    text = (reports / "demo.md").read_text()
+    assert "| train generator |" in text and "| + paste | 4 |" in text and "| real only | 0 |" in text
+    for png in ("realism.png", "samples.png", "dice_hist.png"):
+        assert (reports / png).stat().st_size > 5_000, png
 
 
 def test_every_stage_uses_the_runs_one_split(trained_run):
@@ -87,18 +112,18 @@ def test_a_rerun_with_more_epochs_continues(trained_run):
 
     cfg, base, metrics = trained_run
     first = metrics["reward"]
-    more = stage_config(base / "cohort", base / "run", ["reward.loop.epochs=2", "reward.loop.max_steps=4"])
+    more = stage_config(cfg.run_dir, ["reward.loop.epochs=2", "reward.loop.max_steps=4"])
     again = train_reward(more)
     assert first.get("step") == 2 and again.get("step") == 4 and again.get("epoch") == 2, (sorted(first), sorted(again))
 
 
-def test_downstream_trains_on_real_plus_synthetic_from_a_zarr_store(trained_run):
+def test_downstream_takes_any_store_with_image_label_passed_and_counts_what_it_needs(trained_run):
     import zarr
 
     from engine.training.downstream import train_downstream
 
     cfg, base, _ = trained_run
-    store = str(base / "synthetic.zarr")
+    store = str(base / "synthetic.zarr")  # a store of the user's own, only the arrays the reader needs
     rng = np.random.default_rng(0)
     n = 6
     group = zarr.open_group(store, mode="w")
@@ -108,14 +133,7 @@ def test_downstream_trains_on_real_plus_synthetic_from_a_zarr_store(trained_run)
     label[:, 25:30, 20:40] = 3
     group.create_array("label", data=label)
     group.create_array("passed", data=np.array([True] * 4 + [False] * 2))
-    mixed = stage_config(base / "cohort", base / "run", [f"downstream.synthetic={store}", "downstream.n_synthetic=4",
-                                                         "downstream.name=downstream-mixed",
-                                                         "downstream.ray.num_workers=1"])
-    metrics = train_downstream(mixed)
-    record = json.loads((Path(cfg.run_dir) / "downstream-mixed" / "downstream.json").read_text())
-    assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4
-    assert "val_patient_balanced_accuracy" in metrics
-    too_many = stage_config(base / "cohort", base / "run", [f"downstream.synthetic={store}", "downstream.n_synthetic=5",
-                                                            "downstream.name=downstream-too-many"])
-    with pytest.raises(ValueError, match="5"):
-        train_downstream(too_many)
+    too_many = stage_config(cfg.run_dir, [f"downstream.synthetic={store}", "downstream.n_synthetic=5",
+                                          "downstream.name=downstream-too-many"])
+    with pytest.raises(ValueError, match="asked for 5 synthetic samples but only 4 synthetic samples that passed"):
+        train_downstream(too_many)  # only the 4 passed samples are available; refused before Ray starts

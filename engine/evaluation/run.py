@@ -28,8 +28,12 @@ UTILITY_KEYS = ("dice", "dice_tp", "accuracy", "balanced_accuracy")
 
 
 def method_config(cfg, method: str):
-    """``cfg`` with the synthesis section pointed at ``method`` and its evaluation store."""
+    """``cfg`` with the synthesis section pointed at ``method`` and its store: the run's own store
+    (``lgesynth synthesize``) for the run's method at the run's size, else
+    ``<run_dir>/evaluation/<method>.zarr``."""
     ev = cfg.evaluation
+    if method == cfg.synthesis.method and not ev.candidates:
+        return cfg
     root = str(cfg.run_dir).rstrip("/")
     store = f"{root}/evaluation/{method}.zarr"
     syn = dataclasses.replace(cfg.synthesis, method=method, store=store,
