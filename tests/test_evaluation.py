@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from engine.evaluation.gates import EvaluationConfig, mean_sd, realism, realism_items, store_alignment
+from engine.evaluation.gates import (
+    EvaluationConfig,
+    calibrate_detection,
+    mean_sd,
+    realism,
+    realism_items,
+    store_alignment,
+)
 from engine.evaluation.report import markdown, verdict
 from engine.synthesis.actors import DiffusionActor
 from engine.synthesis.methods import PasteActor
@@ -84,3 +91,13 @@ def test_evaluation_config_is_validated():
         EvaluationConfig(methods=["spade"])
     with pytest.raises(ValueError, match="seeds"):
         EvaluationConfig(seeds=[1, 1])
+
+
+def test_detection_threshold_is_calibrated_on_validation_patients():
+    truth = {"a": True, "b": True, "c": False, "d": False}
+    assert calibrate_detection({"a": 50, "b": 30, "c": 5, "d": 0}, truth, fallback=10) == 5  # a, b above 5
+    # a model that sees scar everywhere: the threshold moves above the negatives' false positives
+    assert calibrate_detection({"a": 900, "b": 700, "c": 400, "d": 300}, truth, fallback=10) == 400
+    # b is missed at any threshold that keeps c and d negative: ties are broken by the median threshold
+    assert calibrate_detection({"a": 90, "b": 0, "c": 0, "d": 0}, truth, fallback=10) == 0
+    assert calibrate_detection({"a": 1, "b": 2}, {"a": True, "b": True}, fallback=10) == 10  # one class only

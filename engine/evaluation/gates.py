@@ -134,15 +134,38 @@ def store_alignment(url: str, threshold: float, storage_options: dict | None = N
             "found_rate": float(found.mean()) if dice.size else float("nan"), "dice": dice}
 
 
-def test_downstream(folder: str | Path, arrays, collapse_min_positive: int = 1) -> dict[str, Any]:
+def calibrate_detection(areas: dict[str, float], truth: dict[str, bool], fallback: float) -> float:
+    """The patient-level area threshold (positive: area > threshold) with the best balanced accuracy
+    on ``areas`` of patients with known ``truth`` (the validation patients); among equally good
+    thresholds the median one. ``fallback`` when the patients are all of one class."""
+    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
+
+    if len(set(truth.values())) < 2:
+        return float(fallback)
+    values = sorted(set(float(a) for a in areas.values()))
+    candidates = [-1.0, *values]  # -1: everyone positive; each observed area: those above it
+    scores = [confusion_metrics(*patient_confusion(truth, patient_detection(areas, t)))["balanced_accuracy"]
+              for t in candidates]
+    best = max(scores)
+    tied = [t for t, score in zip(candidates, scores, strict=True) if score == best]
+    return float(max(0.0, tied[len(tied) // 2]))
+
+
+def score_downstream(folder: str | Path, arrays, val_arrays=None, collapse_min_positive: int = 1) -> dict[str, Any]:
     """An exported downstream model (``<folder>/downstream.*``) on real slices (the test patients):
     slice scar Dice on positives, Dice-TP, patient-level detection and its confusion matrix, and
-    whether the model collapsed (called fewer than ``collapse_min_positive`` patients positive, or all)."""
+    whether the model collapsed (called fewer than ``collapse_min_positive`` patients positive, or all).
+
+    The detection threshold (predicted scar pixels summed over a patient's slices) is calibrated on
+    ``val_arrays`` (the validation patients: best balanced accuracy), never on the test patients;
+    without them, or when they are all of one class, the model's ``detection_min_pixels``."""
     import torch
 
+    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
     from engine.models.downstream import DownstreamModelConfig, build_downstream_model
     from engine.training.checkpoint import load_model_weights, read_model_config
-    from engine.training.downstream import patient_detection_metrics
+    from engine.training.data import patients_in
+    from engine.training.downstream import patient_scar_areas
     from engine.training.segmentation import scar_validation
 
     record = read_model_config(folder, "downstream")
@@ -151,10 +174,16 @@ def test_downstream(folder: str | Path, arrays, collapse_min_positive: int = 1) 
     model.eval()
     device = torch.device("cpu")
     seg = scar_validation(model, arrays.image, arrays.label, "0,1", device)
-    det = patient_detection_metrics(model, arrays, device, float(record.get("detection_min_pixels", 10.0)))
-    tn, fp, fn, tp = (int(det[f"val_{k}"]) for k in ("tn", "fp", "fn", "tp"))
+    threshold = float(record.get("detection_min_pixels", 10.0))
+    calibrated = val_arrays is not None and len(val_arrays)
+    if calibrated:
+        threshold = calibrate_detection(patient_scar_areas(model, val_arrays, device), patients_in(val_arrays), threshold)
+    truth = patients_in(arrays)
+    tn, fp, fn, tp = patient_confusion(truth, patient_detection(patient_scar_areas(model, arrays, device), threshold))
+    det = confusion_metrics(tn, fp, fn, tp)
     called = fp + tp
     return {"dice": seg.get("val_scar_dice", float("nan")), "dice_tp": seg.get("val_scar_dice_tp", float("nan")),
-            "accuracy": det["val_patient_accuracy"], "balanced_accuracy": det["val_patient_balanced_accuracy"],
-            "confusion": [tn, fp, fn, tp], "patients": tn + fp + fn + tp,
+            "accuracy": det["accuracy"], "balanced_accuracy": det["balanced_accuracy"],
+            "confusion": [tn, fp, fn, tp], "patients": tn + fp + fn + tp, "detection_min_pixels": threshold,
+            "detection_calibrated_on_val": bool(calibrated),
             "collapsed": bool(called < collapse_min_positive or called == tn + fp + fn + tp)}

@@ -68,7 +68,9 @@ def markdown(result: dict[str, Any]) -> str:
     ref = result["reference"]
     out = ["# Evaluation: realism, alignment, utility", "",
            f"Filter threshold: Dice > {result['threshold']}; seeds {result['seeds']}; realism on the real "
-           f"{result['realism_split']} positives; utility tested on the real test patients (mean ± SD over seeds).", "",
+           f"{result['realism_split']} positives; utility tested on the real test patients (mean ± SD over seeds), the "
+           "patient-level detection threshold (predicted scar pixels per patient) calibrated on the validation "
+           "patients of each run.", "",
            "## Image quality and alignment (the paper's Table 1)", "",
            "| method | SSIM whole | SSIM LV crop | RMSE whole | RMSE LV crop | candidates | pass rate | Dice-TP |",
            "|---|---|---|---|---|---|---|---|",

@@ -21,7 +21,7 @@ from engine.evaluation.gates import (
     realism,
     realism_items,
     store_alignment,
-    test_downstream,
+    score_downstream,
 )
 
 UTILITY_KEYS = ("dice", "dice_tp", "accuracy", "balanced_accuracy")
@@ -53,7 +53,7 @@ def _utility_run(cfg, parts, name: str, seed: int, log, synthetic: str = "", n: 
 
     start = time.perf_counter()
     train_downstream(downstream_config(cfg, name, seed, synthetic, n))
-    result = test_downstream(Path(cfg.run_dir) / name, parts["test"], cfg.evaluation.collapse_min_positive)
+    result = score_downstream(Path(cfg.run_dir) / name, parts["test"], parts["val"], cfg.evaluation.collapse_min_positive)
     result.update(seed=int(seed), n_synthetic=int(n), seconds=round(time.perf_counter() - start, 1))
     log(f"evaluate: {name}: balanced accuracy {result['balanced_accuracy']:.3f}, Dice {result['dice']:.3f}, "
         f"[TN, FP, FN, TP] = {result['confusion']}" + (" (collapsed)" if result["collapsed"] else ""))

@@ -52,20 +52,26 @@ class DownstreamStageConfig:
             raise ValueError(f"detection_min_pixels must be >= 0, got {self.detection_min_pixels}")
 
 
-def patient_detection_metrics(model, arrays, device, min_pixels: float, batch_size: int = 32) -> dict[str, float]:
-    """Patient-level detection on real slices: predicted scar pixels summed per patient > ``min_pixels``."""
+def patient_scar_areas(model, arrays, device, batch_size: int = 32) -> dict[str, float]:
+    """Predicted scar pixels of every patient of ``arrays``, summed over its slices."""
     import torch
-
-    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
-    from engine.training.data import patients_in
 
     areas: dict[str, float] = {}
     with torch.no_grad():
         for start in range(0, len(arrays), batch_size):
             x = torch.as_tensor(arrays.image[start:start + batch_size], device=device)
             scar = (torch.sigmoid(model(x)[:, 0].float()) > 0.5).sum(dim=(1, 2)).cpu().numpy()
-            for pid, pixels in zip(arrays.patient_id[start:start + batch_size], scar):
+            for pid, pixels in zip(arrays.patient_id[start:start + batch_size], scar, strict=True):
                 areas[pid] = areas.get(pid, 0.0) + float(pixels)
+    return areas
+
+
+def patient_detection_metrics(model, arrays, device, min_pixels: float, batch_size: int = 32) -> dict[str, float]:
+    """Patient-level detection on real slices: predicted scar pixels summed per patient > ``min_pixels``."""
+    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
+    from engine.training.data import patients_in
+
+    areas = patient_scar_areas(model, arrays, device, batch_size)
     truth = patients_in(arrays)
     tn, fp, fn, tp = patient_confusion(truth, patient_detection(areas, min_pixels))
     metrics = confusion_metrics(tn, fp, fn, tp)
@@ -110,6 +116,6 @@ def train_downstream(cfg) -> dict[str, Any]:
     options = cfg.synthesis.storage_options if url == cfg.synthesis.store_url(cfg.run_dir) else None
     synthetic = read_synthetic_arrays(url, storage_options=options) if stage.n_synthetic else None
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
-    sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic)) if syn]
+    sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic), strict=True) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
                   extra={"synthetic_sources": sources, "synthetic": url if stage.n_synthetic else ""})
