@@ -41,7 +41,7 @@ from engine.synthesis.store import (
 
 # Settings that change what the store holds; the others (actors, batch sizes, addresses) do not.
 CONTENT_KEYS = ("split", "candidates_per_slice", "seed", "max_candidates", "shard_size",
-                "num_inference_steps", "threshold", "keep_rejected", "method")
+                "num_inference_steps", "threshold", "keep_rejected")
 
 
 def _engine_version() -> str:
@@ -152,6 +152,8 @@ class SynthesisJob:
             "scar_sampler": to_dict(cfg.scar_sampler), "data": to_dict(self.data_cfg),
             "reference_angle": cfg.cohort.reference_angle, "checkpoints": self.checkpoints,
         }
+        if syn.method != "lgesynthnet":  # stores written before methods existed hold the generator's
+            content["synthesis"]["method"] = syn.method
         if syn.method == "paste":
             content["paste"] = to_dict(syn.paste)
         self.fingerprint = _fingerprint(content)
