@@ -1,10 +1,12 @@
 """``lgesynth evaluate``: the three gates for real-only and every configured method, in one harness.
 
 For each method the run's synthesis settings are reused with only the method and the store changed
-(``<run_dir>/evaluation/<method>.zarr``): the same plan, scar masks, captions, noise seeds, filter
-and threshold. The downstream models are trained on the train patients (real only, or with N kept
-samples of a method) for every seed and tested on the test patients, which nothing else in the
-evaluation looks at. Re-running continues: complete stores and finished downstream runs are reused.
+(the run's own store for its own method, ``<run_dir>/evaluation/<method>.zarr`` for the others):
+the same plan, scar masks, captions, noise seeds, filter and threshold. The downstream models are
+trained on the train patients (real only, or with N kept samples of a method) for every seed,
+calibrated on the validation patients and tested on the test patients; the test patients are read
+here (realism by default, utility) and by no training or sweep. Re-running continues: complete
+stores and finished downstream runs are reused.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         sequential: make the method stores with the sequential loop instead of Ray Data (tests,
             debugging); the downstream models always train on Ray Train.
     """
-    from engine.evaluation.report import write_report
+    from engine.evaluation.report import verdict, write_report
     from engine.synthesis.methods import method_actor
     from engine.synthesis.pipeline import SynthesisJob, synthesize
     from engine.training.prepare import prepare_arrays
@@ -128,8 +130,6 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         entry["utility"] = _summarize_utility(runs)
     result["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(ev.report_dir or Path(cfg.run_dir) / "reports")
-    from engine.evaluation.report import verdict
-
     result["verdict"] = verdict(result)
     result["report"] = write_report(result, out_dir, storage_options=cfg.synthesis.storage_options,
                                     realism_real=real_images, realism_scars=real_scars)
