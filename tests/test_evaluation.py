@@ -101,3 +101,17 @@ def test_detection_threshold_is_calibrated_on_validation_patients():
     # b is missed at any threshold that keeps c and d negative: ties are broken by the median threshold
     assert calibrate_detection({"a": 90, "b": 0, "c": 0, "d": 0}, truth, fallback=10) == 0
     assert calibrate_detection({"a": 1, "b": 2}, {"a": True, "b": True}, fallback=10) == 10  # one class only
+
+
+def test_alignment_counts_the_filters_decisions_and_refuses_another_threshold(base, tmp_path):
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=4", "synthesis.method=paste", "synthesis.threshold=0.2"])
+    synthesize(cfg, sequential=True, log=QUIET)
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    import zarr
+
+    group = zarr.open_group(url, mode="r+")
+    group["dice"][0] = np.float32(0.2)  # a Dice of exactly the threshold reads back above it as float32
+    group["passed"][0] = False
+    assert store_alignment(url, 0.2)["kept"] == int(np.asarray(group["passed"][:]).sum())
+    with pytest.raises(ValueError, match="filtered at Dice > 0.2, the evaluation asks for 0.5"):
+        store_alignment(url, 0.5)
