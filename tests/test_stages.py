@@ -58,8 +58,8 @@ def test_every_stage_exports_safetensors_and_json(trained_run):
     run = Path(cfg.run_dir)
     assert (run / "cohort" / "manifest.json").is_file()  # the demo wrote its phantom into --out
     for folder, names in (("reward", ["reward"]), ("vae", ["vae"]), ("generator", ["unet", "controlnet"]),
-                          ("evaluation-real-s0", ["downstream"]), ("evaluation-paste-s0", ["downstream"]),
-                          ("evaluation-lgesynthnet-s0", ["downstream"])):
+                          ("evaluation-real-s0", ["downstream"]), ("evaluation-paste-n4-s0", ["downstream"]),
+                          ("evaluation-lgesynthnet-n4-s0", ["downstream"])):
         for name in names:
             record = json.loads((run / folder / f"{name}.json").read_text())
             assert (run / folder / record["weights"]).stat().st_size > 0
@@ -91,7 +91,7 @@ def test_the_demo_report_holds_every_step_and_all_three_gates(trained_run):
         assert entry["realism"]["slices"] == 2 and entry["alignment"]["made"] == 6
         run = entry["utility"]["runs"][0]
         assert run["seed"] == 0 and run["n_synthetic"] == 4 and sum(run["confusion"]) == run["patients"] > 0
-        record = json.loads((Path(cfg.run_dir) / f"evaluation-{method}-s0" / "downstream.json").read_text())
+        record = json.loads((Path(cfg.run_dir) / f"evaluation-{method}-n4-s0" / "downstream.json").read_text())
         assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4
     assert any(line.startswith("lgesynthnet:") and "paste" in line for line in result["verdict"])
     text = (reports / "demo.md").read_text()

@@ -126,7 +126,9 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
                                      f"number, the fewest any method kept (evaluation.equal_n)")
         elif n < ev.n_synthetic:
             entry["utility_note"] = f"only {kept} kept: {n} added instead of {ev.n_synthetic}"
-        runs = [_utility_run(cfg, parts, f"evaluation-{method}-s{seed}", seed, log, entry["store"], n) for seed in ev.seeds]
+        # n in the name: a training run resumes by name, so another n must be another run
+        runs = [_utility_run(cfg, parts, f"evaluation-{method}-n{n}-s{seed}", seed, log, entry["store"], n)
+                for seed in ev.seeds]
         entry["utility"] = _summarize_utility(runs)
     result["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(ev.report_dir or Path(cfg.run_dir) / "reports")
