@@ -62,6 +62,7 @@ class PeakMemory:
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> PeakMemory:
+        self.peak = self.sample()  # fails here, loudly, if it cannot measure (not silently in the thread)
         self._thread.start()
         return self
 
