@@ -190,3 +190,40 @@ def test_exported_model_round_trip_and_integrity(tmp_path):
         load_model_weights(tmp_path / "reward", "reward", fresh)
     with pytest.raises(CheckpointError, match=r"generator\.json: missing"):
         load_model_weights(tmp_path / "reward", "generator", fresh)
+
+
+# --- resuming a run under another config is refused (engine.training.distributed.check_resumable)
+
+
+def _run_config(**loop):
+    return {"stage": {"model": {"channels": [16, 32]}, "loop": {"epochs": 4, "lr": 1e-3, "max_steps": 0, **loop},
+                      "ray": {"num_workers": 2}},
+            "data": {"crop_size": 96}, "arrays": {"train": "object-ref"}}
+
+
+def test_config_changes_names_each_changed_key_and_skips_ignored_ones():
+    from engine.training.distributed import config_changes
+
+    old, new = _run_config(), _run_config(lr=3e-3, epochs=8)
+    new["stage"]["model"]["channels"] = (16, 64)
+    new["stage"]["ray"]["num_workers"] = 1
+    changes = config_changes(old, new, ("*.epochs", "stage.ray.*"))
+    assert changes == ["stage.loop.lr: 0.001 -> 0.003", "stage.model.channels: [16, 32] -> [16, 64]"]
+    assert config_changes(old, _run_config()) == []
+    assert config_changes({"a": 1}, {"a": 1, "b": 2}) == ["b: None -> 2"]
+
+
+def test_a_checkpoint_resumes_only_under_its_own_config(tmp_path):
+    from engine.training.distributed import check_resumable
+
+    saved = _run_config()
+    folder = save_checkpoint(tmp_path / "ckpt", models={"m": nn.Linear(2, 2)}, state={"step": 3},
+                             config={"stage": saved["stage"], "data": saved["data"]})
+    # more epochs, more steps, other Ray resources: the same run, continued
+    check_resumable(str(folder), {**_run_config(epochs=9, max_steps=100), "arrays": {"train": "another-ref"}}, "run")
+    changed = _run_config(lr=0.01)
+    changed["data"]["crop_size"] = 64
+    with pytest.raises(ValueError, match=r"run 'run' has checkpoints .* another config .*data\.crop_size: 96 -> 64; "
+                                         r"stage\.loop\.lr: 0\.001 -> 0\.01.*allow_config_change"):
+        check_resumable(str(folder), changed, "run")
+    check_resumable(str(folder), changed, "run", ignore=("data.*", "stage.loop.lr"))

@@ -104,6 +104,10 @@ class RayTrainConfig:
             ``<run_dir>/ray``. Made absolute (local) or kept as a URI (``s3://...``).
         check_resources: refuse to start when the cluster's nodes cannot hold the workers; turn off
             on autoscaling clusters whose nodes appear on demand.
+        allow_config_change: resume a run whose checkpoints were written under another config
+            (another learning rate, model, data or synthetic mix); off by default, so a re-run with a
+            changed config is refused instead of silently continuing the old run. More epochs or
+            steps and other Ray resources are never a change.
 
     Example:
         >>> RayTrainConfig(num_workers=2, cpus_per_worker=0.5).resolved_backend
@@ -122,6 +126,7 @@ class RayTrainConfig:
     address: str = ""
     storage_path: str = ""
     check_resources: bool = True
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -203,6 +208,43 @@ def latest_checkpoint_path(run_dir: str, name: str, cfg: RayTrainConfig | None =
 LOCAL_NODE_IP = "127.0.0.2"  # loopback: 127.0.0.1 is silently replaced by the machine's address
 
 
+# a resumed run may train longer and on other resources; anything else is another run
+RESUMABLE_CHANGES = ("*.epochs", "*.max_steps", "stage.ray.*")
+
+
+def config_changes(old: Any, new: Any, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two json configs, as ``"key: old -> new"``; keys
+    matching a glob of ``ignore`` (``fnmatch`` on the dotted key) are skipped."""
+    import fnmatch
+
+    if prefix and any(fnmatch.fnmatchcase(prefix, pattern) for pattern in ignore):
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in config_changes(old.get(key), new.get(key), ignore, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_resumable(checkpoint: str, config: Mapping[str, Any], name: str, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ValueError when the config a run's latest ``checkpoint`` was written with differs from
+    ``config`` (its ``stage`` and ``data`` sections, the ones every checkpoint stores) other than in
+    :data:`RESUMABLE_CHANGES` and ``ignore``."""
+    import json
+
+    from engine.training.checkpoint import read_checkpoint_config
+
+    saved = read_checkpoint_config(checkpoint)
+    current = json.loads(json.dumps({key: config[key] for key in saved if key in config}, default=list))
+    changes = config_changes(saved, current, RESUMABLE_CHANGES + tuple(ignore))
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ValueError(f"run {name!r} has checkpoints ({checkpoint}) written under another config ({shown}): "
+                         "resuming it would mix two runs. Use another run name or run_dir, delete the run's "
+                         "checkpoints, or set ray.allow_config_change=true to continue it anyway")
+
+
 def connect(address: str = "") -> None:
     """Connect this process to Ray: the given address, else ``RAY_ADDRESS`` (set for ``ray job submit``
     jobs), else a new single-node local instance bound to loopback only (nothing listens on a
@@ -255,6 +297,7 @@ def fit(
     run_dir: str,
     cfg: RayTrainConfig,
     datasets: Mapping[str, Any] | None = None,
+    ignore_changes: tuple[str, ...] = (),
 ):
     """Run ``train_fn`` on ``cfg.num_workers`` Ray Train workers; resume if the run has checkpoints.
 
@@ -266,6 +309,8 @@ def fit(
         run_dir: the run's folder; Ray Train storage defaults to ``<run_dir>/ray``.
         cfg: workers, devices, failures, checkpoint retention.
         datasets: Ray Datasets for ``ray.train.get_dataset_shard``.
+        ignore_changes: config keys (globs on dotted keys, e.g. ``"stage.controlnet.*"``) this run
+            does not depend on, so a change there does not stop it from resuming.
 
     Returns:
         The ``ray.train.Result`` (``checkpoint``: the latest; ``metrics``: rank 0's metrics of the
@@ -274,6 +319,8 @@ def fit(
     Raises:
         InsufficientResourcesError: the cluster's nodes cannot hold the workers.
         ray.train.TrainingFailedError: training failed more than ``cfg.max_failures`` times.
+        ValueError: the run has checkpoints written under another config (see
+            :func:`check_resumable`; ``cfg.allow_config_change`` lifts it).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -288,6 +335,8 @@ def fit(
     run_dir = run_dir if _is_uri(run_dir) else os.path.abspath(run_dir)
     storage_path = storage_path_for(run_dir, cfg)
     resume = latest_checkpoint_path(run_dir, name, cfg)
+    if resume and not cfg.allow_config_change:
+        check_resumable(resume, train_loop_config, name, ignore_changes)
     logger.info(
         "training %s on %d %s worker(s) (storage %s): %s",
         name, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", storage_path,

@@ -233,5 +233,7 @@ def train_generator(cfg) -> dict[str, Any]:
                     [positives, negative_inpainting_arrays(negatives, cfg.scar_sampler, data_cfg, loop.seed, angle)])
         metrics = launch(cfg, stage, generator_worker, name=f"{STAGE}-{phase}",
                          arrays={"train": train_items, "val_positive": val_positive, "val_negative": val_negative},
-                         extra={"phase": phase, "vae_folder": str(vae_folder)})
+                         extra={"phase": phase, "vae_folder": str(vae_folder)},
+                         # each phase is its own run: the other phase's loop settings are not its config
+                         ignore_changes=("stage.controlnet.*",) if phase == "base" else ("stage.base.*",))
     return metrics

@@ -45,9 +45,10 @@ def worker_setup(config: Mapping[str, Any], stage_cls: type, loop: str = "loop")
 
 
 def launch(cfg, stage_cfg, worker: Callable[[dict], None], *, name: str, arrays: Mapping[str, Any],
-           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           extra: Mapping[str, Any] | None = None, ignore_changes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Put ``arrays`` in the object store and run ``worker`` on Ray Train (``stage_cfg.ray``) as run
-    ``name`` of ``cfg.run_dir``; the final metrics (rank 0's, of the last checkpointed report)."""
+    ``name`` of ``cfg.run_dir``; the final metrics (rank 0's, of the last checkpointed report).
+    ``ignore_changes``: config keys the run does not depend on (see ``distributed.fit``)."""
     import ray
 
     from engine.config import to_dict
@@ -56,5 +57,5 @@ def launch(cfg, stage_cfg, worker: Callable[[dict], None], *, name: str, arrays:
     connect(stage_cfg.ray.address)
     loop_config = {"stage": to_dict(stage_cfg), "data": to_dict(cfg.data),
                    "arrays": {key: ray.put(value) for key, value in arrays.items()}, **(extra or {})}
-    result = fit(worker, loop_config, name=name, run_dir=cfg.run_dir, cfg=stage_cfg.ray)
+    result = fit(worker, loop_config, name=name, run_dir=cfg.run_dir, cfg=stage_cfg.ray, ignore_changes=ignore_changes)
     return dict(result.metrics or {})
