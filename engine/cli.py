@@ -93,7 +93,7 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("reward", "vae", "generator", "downstream")
+STAGES = ("reward", "vae", "generator", "downstream", "spade-fc", "spade-lc")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -109,6 +109,13 @@ def _train(args: argparse.Namespace) -> int:
         from engine.training.vae import train_vae as train
     elif args.stage == "generator":
         from engine.training.generator import train_generator as train
+    elif args.stage in ("spade-fc", "spade-lc"):
+        import functools
+
+        from engine.models.spade import CONTEXTS
+        from engine.training.spade import train_spade
+
+        train = functools.partial(train_spade, context=CONTEXTS[args.stage])
     else:
         from engine.training.downstream import train_downstream as train
     metrics = train(cfg)
@@ -138,6 +145,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(cfg, sequential=args.sequential)
     print(open(result["report"]["markdown"]).read())
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.evaluation.sweep import best_text, sweep
+    from engine.settings import EngineConfig
+
+    cfg = load_config(EngineConfig, args.config, args.overrides)
+    result = sweep(cfg)
+    print(Path(result["outputs"]["markdown"]).read_text())
+    print(f"best setting: {best_text(result['best'])}")
+    return 1 if result["errors"] else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -245,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. evaluation.seeds=[0,1,2]")
     p.set_defaults(handler=_evaluate)
 
+    p = sub.add_parser("sweep", help="Ray Tune sweep: synthetic sample counts x filter thresholds -> validation utility",
+                       description="One Ray Tune trial per (method, Dice threshold, sample count) and seed (sweep.*), "
+                                   "each training the downstream model on Ray Train on the train patients + N stored "
+                                   "samples with Dice > threshold and scoring it on the validation patients (never the "
+                                   "test patients). Results table, roi.png and sweep.json go to <run_dir>/sweeps/<name>; "
+                                   "running the same command again resumes (finished trials are not re-run). Exit 1 "
+                                   "when a trial failed.")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. 'sweep.n_synthetic=[0,30,60]'")
+    p.set_defaults(handler=_sweep)
+
     p = sub.add_parser("demo", help="the whole loop on the embedded phantom: train, synthesize, evaluate, report",
                        description="phantom -> validate -> train reward, VAE, generator -> synthesize -> evaluate "
                                    "(real only vs + paste and + LGESynthNet, over seeds) -> <out>/reports/demo.md. "
@@ -290,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad input reported by a stage (missing artifacts, mismatched split)
-        if args.command not in ("train", "synthesize"):
+        if args.command not in ("train", "synthesize", "sweep"):
             raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from engine.anatomy.masks import ScarSamplerConfig
 from engine.demo import DemoConfig
 from engine.evaluation.gates import EvaluationConfig
+from engine.evaluation.sweep import SweepConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
 from engine.phantom.config import PhantomConfig
@@ -19,6 +20,7 @@ from engine.training.data import SliceDataConfig
 from engine.training.downstream import DownstreamStageConfig
 from engine.training.generator import GeneratorStageConfig
 from engine.training.reward import RewardStageConfig
+from engine.training.spade import SpadeStageConfig
 from engine.training.vae import VAEStageConfig
 
 
@@ -38,8 +40,11 @@ class EngineConfig:
         vae: the VAE stage (or a pretrained VAE folder).
         generator: the LGESynthNet stage (base inpainting UNet, then ControlNet with reward loss).
         downstream: the downstream segmenter stage (real only, or real + synthetic).
+        spade: the paper's SPADE baselines (one config; ``lgesynth train spade-fc`` / ``spade-lc``
+            train the full- and limited-context variants).
         synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
         evaluation: the three gates (methods compared, seeds, synthetic samples per method).
+        sweep: the Ray Tune sweep of synthetic sample counts x filter thresholds (``lgesynth sweep``).
         demo: what ``lgesynth demo`` adds (phantom size and seed).
 
     Example:
@@ -58,8 +63,10 @@ class EngineConfig:
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     generator: GeneratorStageConfig = field(default_factory=GeneratorStageConfig)
     downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
+    spade: SpadeStageConfig = field(default_factory=SpadeStageConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:

@@ -85,10 +85,14 @@ class SynthesisConfig:
         keep_rejected: keep the images of rejected candidates (else only their metadata: dice,
             caption, source, spec; image, label and condition stay empty).
         method: what fills the scar region (:mod:`engine.synthesis.methods`): "lgesynthnet" (the
-            trained generator) or "paste" (the model-free control, settings in ``paste``).
+            trained generator), "paste" (the model-free control, settings in ``paste``), "spade-fc"
+            or "spade-lc" (the paper's SPADE baselines, trained by ``lgesynth train spade-fc|spade-lc``).
         paste: the paste control's settings.
         generator: folder of the exported generator (empty: ``<run_dir>/generator``).
         reward: folder of the exported reward model (empty: ``<run_dir>/reward``).
+        spade: folder of the exported SPADE model of a ``spade-*`` method (empty: ``<run_dir>/<method>``,
+            where ``lgesynth train <method>`` exports it, so ``spade-fc`` and ``spade-lc`` each find
+            their own; a folder set here serves one of them: its variant must match the method).
         diffusion: the diffusion actor pool.
         filter: the filter actor pool.
         prepare_cpus: CPUs per candidate-preparation task (scar masks, edge maps, captions).
@@ -106,10 +110,11 @@ class SynthesisConfig:
     num_inference_steps: int = 0
     threshold: float = 0.6
     keep_rejected: bool = False
-    method: Literal["lgesynthnet", "paste"] = "lgesynthnet"
+    method: Literal["lgesynthnet", "paste", "spade-fc", "spade-lc"] = "lgesynthnet"
     paste: PasteConfig = field(default_factory=PasteConfig)
     generator: str = ""
     reward: str = ""
+    spade: str = ""
     diffusion: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     filter: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.5))
     prepare_cpus: float = 0.25
@@ -146,3 +151,7 @@ class SynthesisConfig:
 
     def reward_folder(self, run_dir: str) -> Path:
         return Path(self.reward).absolute() if self.reward else Path(run_dir).absolute() / "reward"
+
+    def spade_folder(self, run_dir: str) -> Path:
+        """The exported SPADE model of the method (``spade``, or ``<run_dir>/<method>``)."""
+        return Path(self.spade).absolute() if self.spade else Path(run_dir).absolute() / self.method

@@ -9,6 +9,10 @@ so the alignment and utility gates compare methods and nothing else (DOMAIN.md s
   filled with a scar-like intensity (a multiple of the slice's own blood-pool level) plus smoothed
   noise of the blood pool's own spread; every pixel outside the mask is the input's. A trained
   generator that does not beat it on realism and utility has shown nothing.
+- ``spade-fc`` and ``spade-lc``: the paper's SPADE baselines (full and limited context; Table 1),
+  trained by ``lgesynth train spade-fc`` / ``spade-lc`` (:class:`engine.synthesis.spade.SpadeActor`,
+  model and conditioning in :mod:`engine.models.spade`). They output the whole image, the input is
+  not blended back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 
 from engine.anatomy.labels import CAVITY
 
-METHODS = ("lgesynthnet", "paste")
+METHODS = ("lgesynthnet", "paste", "spade-fc", "spade-lc")
+SPADE_METHODS = ("spade-fc", "spade-lc")
 
 
 @dataclass
@@ -104,4 +109,8 @@ def method_actor(method: str):
         return DiffusionActor
     if method == "paste":
         return PasteActor
+    if method in SPADE_METHODS:
+        from engine.synthesis.spade import SpadeActor
+
+        return SpadeActor
     raise ValueError(f"unknown synthesis method {method!r}; known: {', '.join(METHODS)}")

@@ -5,7 +5,7 @@
     shard ids (only those not yet complete in the store)
       -> prepare_shards   (tasks: scar masks, edge maps, captions)
       -> DiffusionActor   (actor pool, generator loaded once per actor; or another method's actor,
-                           engine.synthesis.methods, e.g. the model-free paste control)
+                           engine.synthesis.methods: the model-free paste control, the SPADE baselines)
       -> FilterActor      (actor pool, frozen reward model: Dice, passed, label)
       -> ZarrShardDatasink (write tasks: each shard written whole, then marked complete)
 
@@ -18,6 +18,7 @@ shard whole. A store written under another plan, config or checkpoint is refused
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -27,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.synthesis.config import SynthesisConfig
+from engine.synthesis.methods import SPADE_METHODS
+from engine.synthesis.spade import spade_record
 from engine.synthesis.store import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -132,6 +135,11 @@ class SynthesisJob:
             if int(record.get("crop_size", cfg.data.crop_size)) != cfg.data.crop_size:
                 raise ValueError(f"{self.generator_folder}: the generator was trained on {record['crop_size']} px crops, "
                                  f"the config asks for data.crop_size={cfg.data.crop_size}")
+        elif syn.method in SPADE_METHODS:  # the inpainting region as the SPADE model was trained with
+            self.spade_folder = syn.spade_folder(cfg.run_dir)
+            self.spade_record = spade_record(self.spade_folder, syn.method, cfg.data.crop_size)
+            self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "spade": self.spade_folder})
+            self.data_cfg = dataclasses.replace(cfg.data, mask_dilation=int(self.spade_record["mask_dilation"]))
         else:  # a model-free method: only the filter's reward model; conditions as the run's data section
             self.checkpoints = checkpoint_hashes({"reward": self.reward_folder})
             self.data_cfg = cfg.data
@@ -156,6 +164,8 @@ class SynthesisJob:
             content["synthesis"]["method"] = syn.method
         if syn.method == "paste":
             content["paste"] = to_dict(syn.paste)
+        if syn.method in SPADE_METHODS:
+            content["spade"] = {k: self.spade_record[k] for k in ("context", "limited_margin_px")}
         self.fingerprint = _fingerprint(content)
         self.attrs = {
             "format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": self.fingerprint,
@@ -185,6 +195,10 @@ class SynthesisJob:
         syn = self.syn
         if syn.method == "paste":
             diffusion: dict[str, Any] = {"paste": to_dict(syn.paste)}
+        elif syn.method in SPADE_METHODS:
+            diffusion = {"spade_folder": str(self.spade_folder), "method": syn.method, "batch_size": syn.batch_size,
+                         "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
+                         "torch_threads": syn.diffusion.torch_threads}
         else:
             diffusion = {"generator_folder": str(self.generator_folder), "vae_folder": str(self.vae_folder),
                          "batch_size": syn.batch_size, "num_inference_steps": syn.num_inference_steps,

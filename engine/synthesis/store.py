@@ -408,7 +408,42 @@ def _text(values: np.ndarray) -> list[str]:
     return [str(v) for v in values]
 
 
-def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
+def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
+    """Row indices of the samples of an open store whose image is present and whose Dice > ``min_dice``.
+
+    A stricter ``min_dice`` than the store's filter threshold is a subset of the samples that
+    passed; a looser one reaches rejected candidates, whose images exist only in a store written
+    with ``keep_rejected`` (then: every generated candidate of a complete shard). Dice is compared
+    in float32, as the filter compared it, so ``min_dice`` equal to the store's threshold selects
+    exactly the samples that passed.
+
+    Raises:
+        ValueError: the store records no filter threshold or Dice, or ``min_dice`` is below its
+            threshold and it kept no rejected images (the store and both thresholds named).
+    """
+    config = store_attrs(group).get("config", {})
+    threshold = config.get("threshold")
+    if threshold is None or "dice" not in group:
+        raise ValueError(f"{url}: the store records no filter threshold or no Dice; it cannot be selected by Dice")
+    keep_rejected = bool(config.get("keep_rejected", False))
+    if min_dice < float(threshold) and not keep_rejected:
+        raise ValueError(
+            f"{url}: asked for samples with Dice > {min_dice}, but the store was filtered at Dice > {threshold} "
+            "without keep_rejected, so its rejected candidates have no image; write a store with "
+            "synthesis.keep_rejected=true for a threshold below the store's own")
+    passed = np.asarray(group["passed"][:], dtype=bool)
+    present = passed
+    if keep_rejected and min_dice < float(threshold):
+        made = np.asarray([not str(r) for r in group["skip_reason"][:]], bool)
+        shard_size = int(group["dice"].chunks[0])
+        complete = completed_shards(group)[np.arange(len(passed)) // shard_size]
+        present = made & complete
+    dice = np.asarray(group["dice"][:], dtype=np.float32)
+    return np.flatnonzero(present & (dice > np.float32(min_dice)))
+
+
+def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: dict | None = None,
+                          min_dice: float | None = None) -> dict[str, Any]:
     """The store's samples as numpy arrays for downstream training.
 
     Args:
@@ -416,17 +451,26 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
         passed_only: keep only samples that passed the quality filter (the default: rejected
             candidates never train a downstream model).
         storage_options: fsspec options (endpoint and the like; never credentials in configs).
+        min_dice: instead of the filter's decision, keep the samples with Dice > ``min_dice``
+            (:func:`select_samples`: below the store's own threshold only for a store written with
+            ``keep_rejected``); their ``passed`` is then true: they pass this filter.
 
     Returns:
         ``image`` float32 [M, 1, H, W] in [0, 1], ``label`` uint8 [M, H, W], ``passed`` bool [M], and
         ``sample_id`` / ``dice`` / ``caption`` / ``source`` where the store has them.
     """
+    if min_dice is not None and not passed_only:
+        raise ValueError("min_dice selects the samples that pass a filter: it cannot go with passed_only=False")
     group = open_store(url, "r", storage_options)
     missing = [name for name in REQUIRED if name not in group]
     if missing:
         raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
     passed = np.asarray(group["passed"][:], dtype=bool)
-    keep = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
+    if min_dice is not None:
+        keep = select_samples(group, float(min_dice), url)
+        passed = np.ones(len(passed), dtype=bool)
+    else:
+        keep = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
     out: dict[str, Any] = {
         "image": np.asarray(group["image"].oindex[keep], dtype=np.float32)[:, None],
         "label": np.asarray(group["label"].oindex[keep], dtype=np.uint8),

@@ -31,6 +31,9 @@ class DownstreamStageConfig:
         ray: workers and resources.
         synthetic: path or URL of a synthetic store (empty: the run's own, ``synthesis.store``).
         n_synthetic: filtered synthetic samples added to the real training slices (0: real only).
+        synthetic_min_dice: draw the synthetic samples from those with Dice > this instead of those
+            that passed the store's filter (None); below the store's own threshold only from a store
+            written with ``keep_rejected`` (the threshold sweeps of ``lgesynth sweep``).
         detection_min_pixels: predicted scar pixels (summed over a patient's slices) above which a
             patient counts as positive.
         name: the run name (``<run_dir>/<name>/``), so real-only and mixed models can live side by side.
@@ -41,6 +44,7 @@ class DownstreamStageConfig:
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
     synthetic: str = ""
     n_synthetic: int = 0
+    synthetic_min_dice: float | None = None
     detection_min_pixels: float = 10.0
     name: str = STAGE
 
@@ -48,6 +52,8 @@ class DownstreamStageConfig:
         require_epochs(self.loop, "loop")
         if self.n_synthetic < 0:
             raise ValueError(f"n_synthetic must be >= 0, got {self.n_synthetic}")
+        if self.synthetic_min_dice is not None and not -1.0 <= self.synthetic_min_dice < 1.0:
+            raise ValueError(f"synthetic_min_dice must be None or in [-1, 1) (Dice > it), got {self.synthetic_min_dice}")
         if self.detection_min_pixels < 0:
             raise ValueError(f"detection_min_pixels must be >= 0, got {self.detection_min_pixels}")
 
@@ -98,23 +104,31 @@ def downstream_worker(config: dict[str, Any]) -> None:
         config, setup, name=STAGE, net=net, loss_fn=downstream_loss_fn(stage.model), outputs="scar+myocardium",
         input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
         export_record={"n_synthetic": stage.n_synthetic, "synthetic": config["synthetic"],
+                       "synthetic_min_dice": stage.synthetic_min_dice,
                        "detection_min_pixels": stage.detection_min_pixels,
                        "synthetic_sources": config["synthetic_sources"]},
     )
 
 
-def train_downstream(cfg) -> dict[str, Any]:
-    """Driver: real train slices (+ synthetic), Ray Train, final metrics."""
+def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Driver: real train slices (+ synthetic), Ray Train, final metrics.
+
+    Args:
+        parts: the run's ``train`` and ``val`` slice arrays when the caller has them already
+            (:func:`engine.training.prepare.prepare_arrays`; default: prepared here).
+    """
     from engine.synthesis.store import read_synthetic_arrays
     from engine.training.data import mix_real_and_synthetic
     from engine.training.prepare import prepare_arrays
     from engine.training.runner import launch
 
-    parts, _ = prepare_arrays(cfg)
+    if parts is None:
+        parts, _ = prepare_arrays(cfg)
     stage: DownstreamStageConfig = cfg.downstream
     url = stage.synthetic or cfg.synthesis.store_url(cfg.run_dir)
     options = cfg.synthesis.storage_options if url == cfg.synthesis.store_url(cfg.run_dir) else None
-    synthetic = read_synthetic_arrays(url, storage_options=options) if stage.n_synthetic else None
+    synthetic = (read_synthetic_arrays(url, storage_options=options, min_dice=stage.synthetic_min_dice)
+                 if stage.n_synthetic else None)
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
     sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic), strict=True) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},

@@ -1,0 +1,584 @@
+"""``lgesynth sweep``: what synthetic samples are worth as a function of how many are added and how
+strictly they were filtered, on Ray Tune (DESIGN.md "sweep"; the paper's 300/500/1000/1500 rows).
+
+One Tune trial per (method, filter threshold, sample count) setting and downstream seed; the
+real-only baseline (sample count 0) is one setting, not one per threshold or method. A trial is a
+Tune function trainable that drives one Ray Train run, Ray's documented Train V2 + Tune pattern
+(``TorchTrainer.fit`` inside the trial): it draws ``n`` samples whose Dice > threshold from the
+method's store, trains the downstream model on the real train patients plus those samples
+(:func:`engine.training.downstream.train_downstream`), scores it on the validation patients with
+the patient detection threshold calibrated on the real train patients, and reports the final
+metrics with ``ray.tune.report``. The test patients are dropped as soon as the run's split is
+fixed: no sweep metric, calibration or choice sees them (they are ``lgesynth evaluate``'s).
+
+Everything lives in ``<run_dir>/sweeps/<name>/``: Tune's experiment (state, per-trial CSV/JSON/
+TensorBoard logs) and the sweep's outputs, ``results.csv``, ``results.md``, ``roi.png`` and
+``sweep.json``. Re-running the same command restores the experiment (``Tuner.restore``): finished
+trials are not run again, unfinished and errored ones are. A changed grid, downstream config or
+store is refused (choose another ``sweep.name``): its trials would not compare with the stored ones.
+
+Trial resources. A trial only drives its Ray Train run, whose workers reserve their own resources,
+so by default it reserves no CPU. Ray Tune refuses a request of nothing at all ("Cannot initialize
+a ResourceRequest with an empty head and zero worker bundles"), so it reserves a little logical
+memory instead (``trial_memory_mb``). Even a small CPU fraction would cost a worker slot on its
+node: on one-CPU nodes, two trials holding 0.01 CPU on two nodes leave no room for any one-CPU
+worker, and both wait forever.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+REAL = "real"  # the method name of the real-only baseline setting
+RESULT_KEYS = ("balanced_accuracy", "dice", "dice_tp", "accuracy")
+TRIAL_KEYS = (*RESULT_KEYS, "collapsed", "n_used", "n_available", "short", "tn", "fp", "fn", "tp", "run",
+              "val_patients", "detection_calibrated_on_train", "call")
+SETTINGS_FILE = "sweep_settings.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class SweepConfig:
+    """``lgesynth sweep``.
+
+    Args:
+        methods: synthesis methods whose stores are swept (:mod:`engine.synthesis.methods`); a
+            method's store is the one ``lgesynth evaluate`` uses (the run's own for the run's method).
+        n_synthetic: synthetic sample counts added to the real training slices; 0 is the real-only
+            baseline, run once (not once per threshold or method).
+        thresholds: filter thresholds: a trial draws from the samples with Dice > threshold. One
+            below the store's own ``synthesis.threshold`` needs a store written with
+            ``synthesis.keep_rejected=true`` (else the sweep refuses before any trial starts).
+        seeds: downstream training seeds (mean and SD over them).
+        name: the experiment's folder, ``<run_dir>/sweeps/<name>``; the same name resumes.
+        max_concurrent_trials: trials (Ray Train runs) at once; 0: as many as the cluster's nodes can
+            hold the downstream stage's workers (``downstream.ray``) for, never fewer than one.
+        trial_cpus: CPUs each trial's driver (the Tune function) reserves; its Train workers reserve
+            their own. 0 (default): none, see the module docstring.
+        trial_memory_mb: logical memory each trial's driver reserves (it holds the train and
+            validation slices and scores the model); with ``trial_cpus`` 0 it must be > 0.
+        mlflow: MLflow tracking URI to log the trials to as well (empty: off; needs ``mlflow``).
+
+    Example:
+        >>> SweepConfig(n_synthetic=[0, 30, 60], thresholds=[0.6, 0.7], seeds=[0]).name
+        'sweep'
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["lgesynthnet"])
+    n_synthetic: list[int] = field(default_factory=lambda: [0, 300, 500, 1000, 1500])
+    thresholds: list[float] = field(default_factory=lambda: [0.6])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    name: str = "sweep"
+    max_concurrent_trials: int = 0
+    trial_cpus: float = 0.0
+    trial_memory_mb: int = 512
+    mlflow: str = ""
+
+    def __post_init__(self) -> None:
+        from engine.synthesis.methods import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct names from {', '.join(METHODS)}, got {self.methods}")
+        if not self.n_synthetic or len(set(self.n_synthetic)) != len(self.n_synthetic) or min(self.n_synthetic) < 0:
+            raise ValueError(f"n_synthetic must be distinct integers >= 0 (0: real only), got {self.n_synthetic}")
+        if not self.thresholds or len(set(self.thresholds)) != len(self.thresholds) or \
+                any(not -1.0 <= t < 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be distinct values in [-1, 1) (Dice > threshold), got {self.thresholds}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"name must be a folder name (letters, digits, '.', '_', '-'), got {self.name!r}")
+        for name in ("max_concurrent_trials", "trial_cpus", "trial_memory_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.trial_cpus == 0 and self.trial_memory_mb == 0:
+            raise ValueError("trial_cpus and trial_memory_mb are both 0: Ray Tune cannot place a trial that reserves "
+                             "nothing; keep trial_memory_mb > 0 (the default) or give trial_cpus")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the grid
+
+
+def sweep_grid(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The settings, one per trial and seed: the real-only baseline ``{"method": "real",
+    "threshold": None, "n": 0}`` once (when 0 is among the counts), then every (method, threshold,
+    count > 0) in config order with counts ascending."""
+    settings: list[dict[str, Any]] = []
+    if 0 in sweep.n_synthetic:
+        settings.append({"method": REAL, "threshold": None, "n": 0})
+    counts = sorted(int(n) for n in sweep.n_synthetic if n > 0)
+    for method in sweep.methods:
+        for threshold in sweep.thresholds:
+            settings += [{"method": method, "threshold": float(threshold), "n": n} for n in counts]
+    return settings
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """``real-n0`` or ``<method>-t<threshold>-n<n>``."""
+    if setting["method"] == REAL:
+        return f"{REAL}-n0"
+    return f"{setting['method']}-t{setting['threshold']:g}-n{setting['n']}"
+
+
+def run_name(sweep_name: str, setting: Mapping[str, Any], seed: int, n_used: int | None = None) -> str:
+    """The downstream run of a trial (``<run_dir>/<name>/``): sweep, method, threshold, count and seed,
+    plus the count actually used when fewer samples were available (a run resumes by name, so other
+    data must be another run)."""
+    name = f"sweep-{sweep_name}-{setting_label(setting)}-s{seed}"
+    if n_used is not None and n_used != setting["n"]:
+        name += f"-used{n_used}"
+    return name
+
+
+def trial_dirname(trial) -> str:
+    """Tune's folder of a trial: its setting and seed (the default would spell out the whole config)."""
+    return f"{setting_label(trial.config['setting'])}-s{trial.config['seed']}-{trial.trial_id}"
+
+
+def _threshold_key(threshold: float) -> str:
+    return format(float(threshold), "g")
+
+
+# ---------------------------------------------------------------------------------------------------
+# stores, paths, resources
+
+
+def method_store(cfg, method: str) -> str:
+    """The store of ``method``: the one ``lgesynth evaluate`` makes and reads for it."""
+    from engine.evaluation.run import method_config
+
+    return method_config(cfg, method).synthesis.store_url(cfg.run_dir)
+
+
+def store_selection(cfg, grid: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For every method the grid adds samples of: its store URL and fingerprint, and how many
+    samples each of its thresholds selects (:func:`engine.synthesis.store.select_samples`).
+
+    Raises:
+        ValueError: a store is missing or incomplete, or a threshold it cannot serve (below its
+            own, without ``keep_rejected``) is asked for; before any trial starts.
+    """
+    from engine.synthesis.store import open_store, select_samples, store_attrs, store_exists
+
+    options = cfg.synthesis.storage_options
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(s["method"] for s in grid if s["n"]):
+        url = method_store(cfg, method)
+        if not store_exists(url, options):
+            raise ValueError(f"{url}: no store of method {method!r}; make it first (`lgesynth synthesize` for the "
+                             "run's own method, `lgesynth evaluate` for the others)")
+        group = open_store(url, "r", options)
+        attrs = store_attrs(group)
+        if not attrs.get("complete"):
+            raise ValueError(f"{url}: the store of method {method!r} is incomplete; re-run the command that makes it")
+        # stores of the generator written before methods existed record none
+        made_by = attrs.get("content", {}).get("synthesis", {}).get("method", "lgesynthnet")
+        if made_by != method:
+            raise ValueError(f"{url}: the store was made by method {made_by!r}, the sweep asks for {method!r} "
+                             "(synthesis.method names the run's own store's method)")
+        thresholds = dict.fromkeys(s["threshold"] for s in grid if s["method"] == method and s["n"])
+        out[method] = {"url": url, "fingerprint": attrs.get("fingerprint"),
+                       "threshold": attrs.get("config", {}).get("threshold"),
+                       "keep_rejected": bool(attrs.get("config", {}).get("keep_rejected", False)),
+                       "available": {_threshold_key(t): int(len(select_samples(group, t, url))) for t in thresholds}}
+    return out
+
+
+def absolute_paths(cfg):
+    """``cfg`` with every local path absolute (URLs kept): Tune runs each trial in its own working
+    directory, and the Train workers anywhere."""
+
+    def local(path: str) -> str:
+        return path if not path or "://" in str(path) else os.path.abspath(path)
+
+    syn, ds = cfg.synthesis, cfg.downstream
+    syn_paths = {name: local(getattr(syn, name)) for name in ("store", "generator", "reward", "spade") if hasattr(syn, name)}
+    return dataclasses.replace(
+        cfg, run_dir=local(cfg.run_dir), cohort=dataclasses.replace(cfg.cohort, root=local(cfg.cohort.root)),
+        synthesis=dataclasses.replace(syn, **syn_paths),
+        vae=dataclasses.replace(cfg.vae, pretrained=local(cfg.vae.pretrained)),
+        downstream=dataclasses.replace(ds, synthetic=local(ds.synthetic),
+                                       ray=dataclasses.replace(ds.ray, storage_path=local(ds.ray.storage_path))),
+        evaluation=dataclasses.replace(cfg.evaluation, report_dir=local(cfg.evaluation.report_dir)),
+    )
+
+
+def trial_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What each trial's driver reserves (``tune.with_resources``); zero entries are dropped by Tune."""
+    return {"cpu": float(sweep.trial_cpus), "memory": float(sweep.trial_memory_mb) * 1024**2}
+
+
+def max_concurrent_trials(train, sweep: SweepConfig, nodes: Sequence[Mapping[str, float]]) -> int:
+    """Trials that can train at once: worker slots of ``train`` (a RayTrainConfig) over the nodes'
+    resources, divided by the workers a trial needs; a trial driver holding CPUs may cost a slot on
+    its node, so it counts as that many workers more.
+
+    Raises:
+        InsufficientResourcesError: not even one trial fits (unless ``train.check_resources`` is off,
+            an autoscaling cluster: then 1).
+    """
+    from engine.training.distributed import InsufficientResourcesError
+
+    need = train.resources_per_worker
+    slots = sum(min(math.floor(node.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for node in nodes)
+    driver = math.ceil(sweep.trial_cpus / train.cpus_per_worker - 1e-9) if sweep.trial_cpus > 0 else 0
+    count = slots // (train.num_workers + driver)
+    if count >= 1:
+        return int(count)
+    if not train.check_resources:
+        return 1
+    wanted = ", ".join(f"{key} {amount:g}" for key, amount in need.items())
+    raise InsufficientResourcesError(
+        f"the Ray cluster cannot hold one sweep trial: {train.num_workers} downstream worker(s) of {{{wanted}}} "
+        f"plus a driver of {sweep.trial_cpus:g} CPU, and its nodes have {slots} worker slot(s); lower "
+        "downstream.ray.num_workers / cpus_per_worker or sweep.trial_cpus, or add nodes")
+
+
+def _mlflow_callbacks(sweep: SweepConfig) -> list:
+    if not sweep.mlflow:
+        return []
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise ValueError(f"sweep.mlflow is set ({sweep.mlflow}) but mlflow is not installed: pip install mlflow, "
+                         "or leave sweep.mlflow empty") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=sweep.mlflow, experiment_name=sweep.name, save_artifact=False)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# one trial (runs on a Tune worker)
+
+
+def run_trial(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]],
+              setting: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Train and score the downstream model of one setting and seed; its final metrics.
+
+    ``n_used`` is the count trained with: all that the threshold selects when fewer than asked
+    (``short``); with none at all, nothing is trained and the metrics are NaN.
+    """
+    from engine.evaluation.gates import score_downstream
+    from engine.evaluation.run import downstream_config
+    from engine.training.downstream import train_downstream
+
+    n = int(setting["n"])
+    url, available = "", 0
+    if n:
+        store = stores[setting["method"]]
+        url, available = store["url"], int(store["available"][_threshold_key(setting["threshold"])])
+    n_used = min(n, available)
+    out: dict[str, Any] = {"n_used": n_used, "n_available": available, "short": n_used < n}
+    if n and not n_used:
+        return {**out, **dict.fromkeys(RESULT_KEYS, float("nan")), "collapsed": False,
+                **dict.fromkeys(("tn", "fp", "fn", "tp"), 0), "run": ""}
+    name = run_name(cfg.sweep.name, setting, seed, n_used)
+    run_cfg = downstream_config(cfg, name, seed, url, n_used)
+    if n_used:
+        run_cfg = dataclasses.replace(run_cfg, downstream=dataclasses.replace(
+            run_cfg.downstream, synthetic_min_dice=float(setting["threshold"])))
+    start = time.perf_counter()
+    train_downstream(run_cfg, parts=parts)
+    # calibrated on the real train patients, scored on the validation patients
+    score = score_downstream(Path(cfg.run_dir) / name, parts["val"], parts["train"], cfg.evaluation.collapse_min_positive)
+    tn, fp, fn, tp = (int(x) for x in score["confusion"])
+    return {**out, **{key: float(score[key]) for key in RESULT_KEYS}, "collapsed": bool(score["collapsed"]),
+            "tn": tn, "fp": fp, "fn": fn, "tp": tp, "run": name, "val_patients": int(score["patients"]),
+            "detection_min_pixels": float(score["detection_min_pixels"]),
+            "detection_calibrated_on_train": bool(score["detection_calibrated_on_val"]),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def sweep_trial(config: Mapping[str, Any], cfg=None, parts=None, stores=None, call: str = "") -> None:
+    """The Tune function trainable: ``config`` holds the trial's ``setting`` and ``seed``; ``cfg``,
+    ``parts`` (train and val slices), ``stores`` and ``call`` (the id of the ``sweep`` call that ran
+    the trial, so a restored experiment tells what it ran itself) come through ``tune.with_parameters``."""
+    import ray.tune
+
+    ray.tune.report({**run_trial(cfg, parts, stores, config["setting"], int(config["seed"])), "call": call})
+
+
+# ---------------------------------------------------------------------------------------------------
+# results
+
+
+def _same_setting(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["method"] == b["method"] and a["threshold"] == b["threshold"] and int(a["n"]) == int(b["n"])
+
+
+def summarize(trials: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting of ``grid`` (in its order): mean and SD over the finished seeds of each
+    metric, the counts used, and how many seeds were short of samples or collapsed."""
+    from engine.evaluation.gates import mean_sd
+
+    rows = []
+    for setting in grid:
+        runs = sorted((t for t in trials if _same_setting(t, setting)), key=lambda t: t["seed"])
+        row: dict[str, Any] = {"method": setting["method"], "threshold": setting["threshold"], "n_synthetic": int(setting["n"]),
+                               "seeds": [int(t["seed"]) for t in runs],
+                               "n_used": sorted({int(t["n_used"]) for t in runs}),
+                               "short": sum(bool(t["short"]) for t in runs),
+                               "collapsed": sum(bool(t["collapsed"]) for t in runs)}
+        row.update({key: mean_sd([t[key] for t in runs]) for key in RESULT_KEYS})
+        rows.append(row)
+    return rows
+
+
+def best_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The row of highest mean validation balanced accuracy; ties go to fewer samples (used, then
+    asked for), then to the earlier row. None when no row has a finite mean."""
+    scored = [r for r in rows if math.isfinite(r["balanced_accuracy"]["mean"])]
+    if not scored:
+        return None
+
+    def key(row):
+        used = max(row["n_used"]) if row["n_used"] else row["n_synthetic"]
+        return (-round(row["balanced_accuracy"]["mean"], 9), used, row["n_synthetic"])
+
+    return dict(min(scored, key=key))
+
+
+def _collect(result_grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(finished trials, errored trials) of a ResultGrid, each with its setting and seed."""
+    trials, errors = [], []
+    for result in result_grid:
+        setting, seed = dict(result.config["setting"]), int(result.config["seed"])
+        metrics = result.metrics or {}
+        if result.error is not None or "balanced_accuracy" not in metrics:
+            message = str(result.error).strip().splitlines()[-1] if result.error is not None else "no metrics reported"
+            errors.append({**setting, "seed": seed, "error": message, "path": result.path})
+            continue
+        trials.append({**setting, "seed": seed, **{key: metrics.get(key) for key in TRIAL_KEYS},
+                       "timestamp": metrics.get("timestamp"), "path": result.path})
+    return trials, errors
+
+
+def _threshold_text(threshold: float | None) -> str:
+    return "" if threshold is None else f"{threshold:g}"
+
+
+def _used_text(row: Mapping[str, Any]) -> str:
+    used = "/".join(str(n) for n in row["n_used"]) or "-"
+    return used + (f" (short in {row['short']})" if row["short"] else "")
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    from engine.evaluation.report import _fmt
+
+    sw = result["sweep"]
+    out = [f"# Sweep `{sw['name']}`: synthetic sample count x filter threshold", "",
+           "Downstream models trained on the real train patients plus N synthetic samples with Dice > threshold, "
+           f"scored on the validation patients (mean ± SD over seeds {sw['seeds']}); the patient-level detection "
+           "threshold is calibrated on the real train patients. The test patients are not used.", "",
+           "| method | Dice > | n synthetic | n used | balanced accuracy | Dice | Dice-TP | accuracy | seeds | collapsed |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        method = "real only" if row["method"] == REAL else row["method"]
+        out.append(f"| {method} | {_threshold_text(row['threshold'])} | {row['n_synthetic']} | {_used_text(row)} | "
+                   f"{_fmt(row['balanced_accuracy'])} | {_fmt(row['dice'])} | {_fmt(row['dice_tp'])} | "
+                   f"{_fmt(row['accuracy'])} | {len(row['seeds'])} | {row['collapsed']} |")
+    out += ["", f"Best setting: {best_text(result['best'])}", ""]
+    if result["errors"]:
+        out += ["## Errored trials (retried when the sweep is run again)", ""]
+        out += [f"- {setting_label(e)} seed {e['seed']}: {e['error']}" for e in result["errors"]] + [""]
+    out += [f"Figure: roi.png. Experiment: {result['experiment']}.", ""]
+    return "\n".join(out)
+
+
+def best_text(best: Mapping[str, Any] | None) -> str:
+    if best is None:
+        return "none (no finished trial)"
+    what = "real only" if best["method"] == REAL else (
+        f"{best['method']}, Dice > {best['threshold']:g}, n = {best['n_synthetic']}")
+    return f"{what}: validation balanced accuracy {best['balanced_accuracy']['mean']:.3f} ± {best['balanced_accuracy']['sd']:.3f}"
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    columns = ["method", "threshold", "n_synthetic", "n_used", "seeds", "short", "collapsed"]
+    columns += [f"{key}_{stat}" for key in RESULT_KEYS for stat in ("mean", "sd")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"method": row["method"], "threshold": _threshold_text(row["threshold"]),
+                             "n_synthetic": row["n_synthetic"], "n_used": "/".join(map(str, row["n_used"])),
+                             "seeds": len(row["seeds"]), "short": row["short"], "collapsed": row["collapsed"],
+                             **{f"{key}_{stat}": row[key][stat] for key in RESULT_KEYS for stat in ("mean", "sd")}})
+
+
+def roi_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Validation balanced accuracy vs synthetic sample count: one line per (method, threshold),
+    starting from the real-only baseline at 0 samples, error bars = SD over seeds, hollow markers
+    where fewer samples were available than asked; the baseline also as a horizontal line with its
+    SD as a band."""
+    from engine.evaluation.report import _figure
+
+    fig = _figure(1, 1, size=4.5)
+    ax = fig.subplots()
+    real = next((r for r in rows if r["method"] == REAL and math.isfinite(r["balanced_accuracy"]["mean"])), None)
+    lines: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["method"] != REAL:
+            lines.setdefault((row["method"], row["threshold"]), []).append(row)
+    methods = list(dict.fromkeys(m for m, _ in lines))
+    if real is not None:
+        mean, sd = real["balanced_accuracy"]["mean"], real["balanced_accuracy"]["sd"]
+        ax.axhline(mean, color="k", linestyle="--", linewidth=1, label="real only")
+        if sd > 0:
+            ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.08)
+    for i, ((method, threshold), points) in enumerate(lines.items()):
+        points = ([real] if real is not None else []) + sorted(points, key=lambda r: r["n_synthetic"])
+        x = np.asarray([r["n_synthetic"] for r in points], float)
+        y = np.asarray([r["balanced_accuracy"]["mean"] for r in points], float)
+        sd = np.asarray([r["balanced_accuracy"]["sd"] for r in points], float)
+        short = np.asarray([bool(r["short"]) for r in points])
+        color = f"C{i}"
+        label = f"Dice > {threshold:g}" if len(methods) == 1 else f"{method}, Dice > {threshold:g}"
+        ax.errorbar(x, y, yerr=sd, color=color, capsize=3, linewidth=1.5, label=label)
+        ax.scatter(x[~short], y[~short], color=color, zorder=3)
+        ax.scatter(x[short], y[short], facecolors="white", edgecolors=color, zorder=3)
+    ax.set_xlabel("synthetic samples added")
+    ax.set_ylabel("balanced accuracy (validation patients)")
+    ax.set_title(f"{', '.join(methods) or 'real only'}: return on synthetic samples"
+                 + (" (hollow: fewer available than asked)" if any(r["short"] for r in rows) else ""), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """``results.csv``, ``results.md``, ``roi.png`` and ``sweep.json`` in ``out_dir``; their paths."""
+    from engine.evaluation.run import dumps
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "results.csv", "markdown": out_dir / "results.md", "roi": out_dir / "roi.png",
+             "json": out_dir / "sweep.json"}
+    result["outputs"] = {key: str(path) for key, path in paths.items()}
+    write_csv(result["rows"], paths["csv"])
+    paths["markdown"].write_text(markdown(result))
+    roi_figure(result["rows"], paths["roi"])
+    paths["json"].write_text(dumps(result) + "\n")
+    return result["outputs"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the experiment
+
+
+def sweep_settings(cfg, grid: Sequence[Mapping[str, Any]], stores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What the trials' results depend on (a restored experiment must match it)."""
+    from engine.config import to_dict
+
+    downstream = to_dict(cfg.downstream)
+    for key in ("name", "synthetic", "n_synthetic", "synthetic_min_dice"):  # set per trial
+        downstream.pop(key, None)
+    downstream["ray"].pop("address", None)
+    settings = {"grid": list(grid), "seeds": list(cfg.sweep.seeds), "downstream": downstream, "data": to_dict(cfg.data),
+                "split": to_dict(cfg.split), "cohort": cfg.cohort.root,
+                "collapse_min_positive": cfg.evaluation.collapse_min_positive,
+                "stores": {m: {k: s[k] for k in ("url", "fingerprint", "available")} for m, s in stores.items()}}
+    return json.loads(json.dumps(settings))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [f"{prefix or 'settings'}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def _check_restorable(out_dir: Path, settings: Mapping[str, Any]) -> None:
+    path = out_dir / SETTINGS_FILE
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    changes = ["no record of its settings"] if stored is None else _differences(stored, dict(settings))
+    if changes:
+        raise ValueError(f"{out_dir}: the sweep was started with other settings ({'; '.join(changes[:4])}); "
+                         "choose another sweep.name, or delete that folder to start over")
+
+
+def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep of ``cfg.sweep`` on Ray Tune; the result dict, also written as
+    ``<run_dir>/sweeps/<name>/`` (see the module docstring).
+
+    Returns:
+        ``sweep`` (its config), ``grid``, ``stores`` (URL and selectable counts per threshold),
+        ``trials`` (one per finished trial), ``rows`` (per setting, over seeds), ``best``,
+        ``errors``, ``trials_run`` (trials that ran in this call, 0 when everything was restored),
+        ``restored``, ``experiment``, ``outputs``, ``seconds``.
+    """
+    from ray import tune
+
+    from engine.config import to_dict
+    from engine.training.distributed import connect
+    from engine.training.prepare import prepare_arrays
+
+    if "://" in str(cfg.run_dir):
+        raise ValueError(f"run_dir {cfg.run_dir}: the sweep needs a local run folder (its downstream models and report go there)")
+    cfg = absolute_paths(cfg)
+    sw: SweepConfig = cfg.sweep
+    callbacks = _mlflow_callbacks(sw)
+    started, call = time.perf_counter(), uuid.uuid4().hex
+    grid = sweep_grid(sw)
+    parts, _ = prepare_arrays(cfg)
+    for split in ("train", "val"):
+        if not len(parts[split]):
+            raise ValueError(f"{cfg.cohort.root}: the {split} split has no slices; the sweep trains on the train "
+                             "patients and scores on the validation patients")
+    parts = {"train": parts["train"], "val": parts["val"]}  # the test patients go no further
+    stores = store_selection(cfg, grid)
+    for method, store in stores.items():
+        counts = ", ".join(f"{n} with Dice > {t}" for t, n in store["available"].items())
+        log(f"sweep: {method}: {store['url']}: {counts}")
+    out_dir = Path(cfg.run_dir) / "sweeps" / sw.name
+    settings = sweep_settings(cfg, grid, stores)
+    connect(cfg.downstream.ray.address)
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call),
+                                    trial_resources(sw))
+    restored = tune.Tuner.can_restore(str(out_dir))
+    if restored:
+        _check_restorable(out_dir, settings)
+        log(f"sweep: resuming {out_dir} (finished trials are kept, errored ones run again)")
+        tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        import ray
+
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        concurrent = sw.max_concurrent_trials or max_concurrent_trials(cfg.downstream.ray, sw, nodes)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        log(f"sweep: {len(grid)} setting(s) x {len(sw.seeds)} seed(s), {concurrent} at a time, in {out_dir}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"setting": tune.grid_search(grid), "seed": tune.grid_search(list(sw.seeds))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=sw.name, storage_path=str(out_dir.parent), callbacks=callbacks, verbose=1),
+        )
+    trials, errors = _collect(tuner.fit())
+    rows = summarize(trials, grid)
+    result: dict[str, Any] = {
+        "sweep": to_dict(sw), "grid": grid, "stores": stores, "trials": trials, "rows": rows, "best": best_setting(rows),
+        "errors": errors, "restored": restored, "experiment": str(out_dir),
+        "trials_run": sum(t["call"] == call for t in trials) + len(errors),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_outputs(result, out_dir)
+    log(f"sweep: best setting: {best_text(result['best'])}")
+    for error in errors:
+        log(f"sweep: trial {setting_label(error)} seed {error['seed']} failed: {error['error']} ({error['path']})")
+    log(f"sweep: results in {out_dir} ({result['seconds']:.0f} s)")
+    return result
