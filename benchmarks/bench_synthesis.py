@@ -1,6 +1,6 @@
 """Synthesis throughput, overheads and memory on a phantom cohort with untrained models (CPU).
 
-Model sizes come from ``--config`` (configs/demo.yaml: 96 px crops, packaged MiniLM captions);
+Model sizes come from ``--config`` (configs/phantom.yaml: 96 px crops, packaged MiniLM captions);
 weights are random (``engine.models.untrained``): throughput does not depend on what they learned.
 Every pipeline run writes a fresh store. Figures (``--only`` picks some):
 
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--store-shards", type=int, default=32, help="shards written per store in figure 5")
     parser.add_argument("--patients", type=int, default=24, help="phantom patients (192 px)")
     parser.add_argument("--candidates-per-slice", type=int, default=8, help="draws per negative slice")
-    parser.add_argument("--config", default="configs/demo.yaml", help="model sizes and synthesis settings")
+    parser.add_argument("--config", default="configs/phantom.yaml", help="model sizes and synthesis settings")
     parser.add_argument("--out", default="", help="folder for cohort, models and stores (default: a temp dir)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="limit of every Ray step")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)  # figure 4's child runs

@@ -22,7 +22,7 @@ def main() -> None:
                         choices=["reward", "vae", "generator", "downstream"], help="stages to measure")
     parser.add_argument("--patients", type=int, default=24, help="phantom patients (default 24)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
-    parser.add_argument("--config", default="configs/demo.yaml", help="model sizes come from this config")
+    parser.add_argument("--config", default="configs/phantom.yaml", help="model sizes come from this config")
     args = parser.parse_args()
 
     from engine.config import load_config

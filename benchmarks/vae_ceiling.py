@@ -6,7 +6,7 @@ mean Dice and pass rate on the real images, on their VAE reconstructions, and on
 with only the scar region (the inpainting mask) replaced by the reconstruction. The last is the
 ceiling of any latent inpainting generator on this VAE.
 
-Usage: python benchmarks/vae_ceiling.py --run runs/demo [--config configs/demo.yaml] [--limit 64]
+Usage: python benchmarks/vae_ceiling.py --run runs/demo [--config configs/phantom.yaml] [--limit 64]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run_dir holding vae/, reward/ and splits.json")
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/phantom.yaml")
     parser.add_argument("--limit", type=int, default=64, help="val positive slices used")
     parser.add_argument("--threshold", type=float, default=0.6)
     args = parser.parse_args()

@@ -1,7 +1,9 @@
 """``lgesynth demo``: the whole loop on the embedded phantom cohort, step after step, timed.
 
-phantom -> validate -> train reward, VAE, generator -> synthesize -> evaluate (real only vs + paste
-and + LGESynthNet, three gates, several seeds) -> ``<run_dir>/reports/demo.md``.
+phantom -> validate -> train reward, VAE, generator and the SPADE baselines named in
+``evaluation.methods`` -> synthesize -> evaluate (real only vs + each method, paste included; three
+gates; several seeds) -> a small Ray Tune sweep (``sweep`` section; validation patients) ->
+``<run_dir>/reports/demo.md``.
 
 Every step is resumable: a re-run finds the cohort, the finished trainings (their checkpoints),
 the complete stores and the finished downstream runs, and does only what is missing. The peak
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -24,10 +27,12 @@ class DemoConfig:
     """Args:
         patients: phantom patients written when the cohort folder does not exist yet.
         phantom_seed: the phantom cohort's seed.
+        sweep: end with the ``sweep`` section's Ray Tune sweep.
     """
 
     patients: int = 100
     phantom_seed: int = 0
+    sweep: bool = True
 
     def __post_init__(self) -> None:
         if self.patients < 4:
@@ -86,11 +91,14 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         sequential: synthesize without Ray Data (tests); training always runs on Ray Train.
     """
     from engine.evaluation.run import evaluate
+    from engine.evaluation.sweep import sweep, best_text
+    from engine.models.spade import CONTEXTS
     from engine.io.validation import validate_cohort
     from engine.phantom import write_phantom_cohort
     from engine.synthesis.pipeline import synthesize
     from engine.training.generator import train_generator
     from engine.training.reward import train_reward
+    from engine.training.spade import train_spade
     from engine.training.vae import train_vae
 
     cohort = Path(cfg.cohort.root)
@@ -122,15 +130,25 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         result["evaluation"] = evaluate(cfg, sequential=sequential, log=log)
         return f"report {result['evaluation']['report']['markdown']}"
 
+    def tune_sweep() -> str:
+        result["sweep"] = sweep(cfg, log=log)
+        return f"{len(result['sweep']['trials'])} trials; best {best_text(result['sweep']['best'])}"
+
+    spade = [(f"train {method}", train(method, lambda c, context=CONTEXTS[method]: train_spade(c, context),
+                                       ("val_l1", "val_ssim")))
+             for method in cfg.evaluation.methods if method in CONTEXTS]
+
     plan = [
         ("phantom", phantom),
         ("validate", validate),
         ("train reward", train("reward", train_reward, ("val_scar_dice", "val_pass_rate"))),
         ("train vae", train("vae", train_vae, ("val_l1", "val_ssim"))),
         ("train generator", train("generator", train_generator, ("val_positive_pass_rate", "val_negative_pass_rate"))),
+        *spade,
         ("synthesize", lambda: "pass rate {pass_rate:.1%} ({kept} of {made})".format(
             **synthesize(cfg, sequential=sequential, log=log))),
         ("evaluate", evaluation),
+        *([("sweep", tune_sweep)] if cfg.demo.sweep else []),
     ]
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -156,12 +174,19 @@ def write_demo_report(result: dict[str, Any], out_dir: Path) -> str:
              f"{result['seconds']:.0f} s; peak memory (driver and every process it started) {result['peak_rss_mib']:.0f} MiB.",
              "", "| step | seconds | outcome |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['seconds']:.0f} | {s['outcome']} |" for s in result["steps"]]
-    lines += ["", "Not in the demo yet: the Ray Tune sweep and the SPADE / ControlNet-only baselines (open work).", ""]
+    lines += [""]
     evaluation = result.get("evaluation")
     if evaluation:
-        lines += [Path(evaluation["report"]["markdown"]).read_text()]
-    (out_dir / "demo.json").write_text(json.dumps(json_ready({k: v for k, v in result.items() if k != "evaluation"}),
-                                                  indent=1, sort_keys=True) + "\n")
+        lines += [Path(evaluation["report"]["markdown"]).read_text(), ""]
+    swept = result.get("sweep")
+    if swept:
+        roi = os.path.relpath(swept["outputs"]["roi"], out_dir)
+        lines += ["## Sweep (validation patients)", "", Path(swept["outputs"]["markdown"]).read_text(), "",
+                  f"![balanced accuracy vs synthetic samples]({roi})", ""]
+    summary = {k: v for k, v in result.items() if k not in ("evaluation", "sweep")}
+    if swept:
+        summary["sweep"] = {k: swept[k] for k in ("rows", "best", "experiment", "outputs", "seconds")}
+    (out_dir / "demo.json").write_text(json.dumps(json_ready(summary), indent=1, sort_keys=True) + "\n")
     path = out_dir / "demo.md"
     path.write_text("\n".join(lines))
     return str(path)

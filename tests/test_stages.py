@@ -19,12 +19,17 @@ TINY = [
     *TINY_MODELS, "data.augment=true", "generator.model.reward_t_max_fraction=1.0", "generator.preview_count=4",
     "downstream.model.init_features=8", "downstream.model.growth_rate=4",
     "downstream.model.block_config=[1,1,1,1]", "downstream.model.decoder_channels=[16,8,8,8,4]",
+    "spade.model.channels=[16,8]", "spade.model.hidden_channels=8",
 ]
-LOOPS = ["reward.loop", "vae.loop", "generator.base", "generator.controlnet", "downstream.loop"]
-# the demo's own sections, tiny: 8 phantom patients, 6 candidates (all kept: threshold -1), one seed
+LOOPS = ["reward.loop", "vae.loop", "generator.base", "generator.controlnet", "downstream.loop", "spade.loop"]
+# the demo's own sections, tiny: 8 phantom patients, 6 candidates (all kept: threshold -1), one seed,
+# the three methods the demo compares; a sweep whose real-only trial is the evaluation's own model
 DEMO = ["demo.patients=8", "demo.phantom_seed=3", "phantom.image_size=128", "synthesis.threshold=-1.0",
         "synthesis.max_candidates=6", "synthesis.shard_size=3", "synthesis.candidates_per_slice=1",
-        "evaluation.seeds=[0]", "evaluation.n_synthetic=4", "evaluation.realism_split=train", "evaluation.realism_max=2"]
+        "evaluation.methods=[paste,lgesynthnet,spade-fc]",
+        "evaluation.seeds=[0]", "evaluation.n_synthetic=4", "evaluation.realism_split=train", "evaluation.realism_max=2",
+        "sweep.methods=[lgesynthnet]", "sweep.n_synthetic=[0,2]", "sweep.thresholds=[-1.0]", "sweep.seeds=[0]",
+        "sweep.name=tiny"]
 
 
 def stage_config(run_dir, extra=()):
@@ -35,7 +40,7 @@ def stage_config(run_dir, extra=()):
     # Two workers (DDP on two nodes) for the generator, whose frozen text encoder, VAE and reward
     # model sit beside the trained UNet/ControlNet; one worker elsewhere (each extra worker costs
     # ~7 s of start-up on two cores; test_distributed covers two-node DDP, worker death, resumption).
-    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 1)):
+    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 1), ("spade", 1)):
         overrides += [f"{stage}.ray.num_workers={workers}", f"{stage}.ray.checkpoint_every_steps=1"]
     return from_dict(EngineConfig, apply_overrides({}, [*overrides, *extra]))
 
@@ -58,8 +63,8 @@ def test_every_stage_exports_safetensors_and_json(trained_run):
     run = Path(cfg.run_dir)
     assert (run / "cohort" / "manifest.json").is_file()  # the demo wrote its phantom into --out
     for folder, names in (("reward", ["reward"]), ("vae", ["vae"]), ("generator", ["unet", "controlnet"]),
-                          ("evaluation-real-s0", ["downstream"]), ("evaluation-paste-n4-s0", ["downstream"]),
-                          ("evaluation-lgesynthnet-n4-s0", ["downstream"])):
+                          ("downstream-real-n0-s0", ["downstream"]), ("downstream-paste-t-1-n4-s0", ["downstream"]),
+                          ("downstream-lgesynthnet-t-1-n4-s0", ["downstream"])):
         for name in names:
             record = json.loads((run / folder / f"{name}.json").read_text())
             assert (run / folder / record["weights"]).stat().st_size > 0
@@ -82,22 +87,28 @@ def test_the_demo_report_holds_every_step_and_all_three_gates(trained_run):
     reports = Path(cfg.run_dir) / "reports"
     demo = json.loads((reports / "demo.json").read_text())
     assert [s["step"] for s in demo["steps"]] == ["phantom", "validate", "train reward", "train vae", "train generator",
-                                                  "synthesize", "evaluate"]
+                                                  "train spade-fc", "synthesize", "evaluate", "sweep"]
     assert demo["peak_rss_mib"] > 100 and demo["seconds"] > 0
     result = json.loads((reports / "evaluation.json").read_text())
     assert result["methods"]["lgesynthnet"]["store"] == cfg.synthesis.store_url(cfg.run_dir)  # the run's own store
-    for method in ("paste", "lgesynthnet"):
+    for method in ("paste", "lgesynthnet", "spade-fc"):
         entry = result["methods"][method]
         assert entry["realism"]["slices"] == 2 and entry["alignment"]["made"] == 6
         run = entry["utility"]["runs"][0]
         assert run["seed"] == 0 and run["n_synthetic"] == 4 and sum(run["confusion"]) == run["patients"] > 0
-        record = json.loads((Path(cfg.run_dir) / f"evaluation-{method}-n4-s0" / "downstream.json").read_text())
+        record = json.loads((Path(cfg.run_dir) / f"downstream-{method}-t-1-n4-s0" / "downstream.json").read_text())
         assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4
     assert any(line.startswith("lgesynthnet:") and "paste" in line for line in result["verdict"])
     text = (reports / "demo.md").read_text()
     assert "| train generator |" in text and "| + paste | 4 |" in text and "| real only | 0 |" in text
     for png in ("realism.png", "samples.png", "dice_hist.png"):
         assert (reports / png).stat().st_size > 5_000, png
+    # the sweep, on the validation patients; its real-only trial scores the evaluation's own model
+    sweep = demo["sweep"]
+    assert [(r["method"], r["n_synthetic"]) for r in sweep["rows"]] == [("real", 0), ("lgesynthnet", 2)]
+    assert "## Sweep (validation patients)" in text and (Path(sweep["experiment"]) / "roi.png").stat().st_size > 5_000
+    trials = json.loads((Path(sweep["experiment"]) / "sweep.json").read_text())["trials"]
+    assert sorted(t["run"] for t in trials) == ["downstream-lgesynthnet-t-1-n2-s0", "downstream-real-n0-s0"]
 
 
 def test_every_stage_uses_the_runs_one_split(trained_run):
@@ -105,6 +116,18 @@ def test_every_stage_uses_the_runs_one_split(trained_run):
     splits = json.loads((Path(cfg.run_dir) / "splits.json").read_text())["splits"]
     everyone = [p for part in splits.values() for p in part]
     assert len(everyone) == len(set(everyone)) == 8
+
+
+def test_a_finished_stage_is_not_trained_again_and_a_changed_one_is_refused(trained_run):
+    from engine.training.reward import train_reward
+
+    cfg, base, metrics = trained_run
+    checkpoints = sorted((Path(cfg.run_dir) / "ray" / "reward").glob("checkpoint_*"))
+    again = train_reward(cfg)  # the same config: finished, nothing to do
+    assert again["step"] == metrics["reward"]["step"] and again["val_scar_dice"] == metrics["reward"]["val_scar_dice"]
+    assert sorted((Path(cfg.run_dir) / "ray" / "reward").glob("checkpoint_*")) == checkpoints
+    with pytest.raises(ValueError, match=r"run 'reward' has checkpoints .*stage\.loop\.lr: [0-9.e-]+ -> 0\.005"):
+        train_reward(stage_config(cfg.run_dir, ["reward.loop.lr=0.005"]))
 
 
 def test_a_rerun_with_more_epochs_continues(trained_run):

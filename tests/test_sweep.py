@@ -38,11 +38,11 @@ def test_the_grid_runs_the_real_only_baseline_once_and_names_every_run():
     assert grid[0] == {"method": REAL, "threshold": None, "n": 0}
     assert sum(s["n"] == 0 for s in grid) == 1 and len(grid) == 1 + 2 * 2 * 2
     assert [s["n"] for s in grid if s["method"] == "paste" and s["threshold"] == 0.6] == [30, 60]
-    names = {run_name(sweep.name, s, seed) for s in grid for seed in sweep.seeds}
+    names = {run_name(s, seed) for s in grid for seed in sweep.seeds}
     assert len(names) == len(grid) * 2  # every (method, threshold, n, seed) its own downstream run
-    assert run_name("demo", {"method": "paste", "threshold": 0.7, "n": 60}, 1) == "sweep-demo-paste-t0.7-n60-s1"
-    assert run_name("demo", {"method": "paste", "threshold": 0.7, "n": 60}, 1, n_used=41) == "sweep-demo-paste-t0.7-n60-s1-used41"
-    assert run_name("demo", grid[0], 2) == "sweep-demo-real-n0-s2"
+    assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1) == "downstream-paste-t0.7-n60-s1"
+    assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1, n_used=41) == "downstream-paste-t0.7-n60-s1-used41"
+    assert run_name(grid[0], 2) == "downstream-real-n0-s2"
     assert all(s["n"] for s in sweep_grid(SweepConfig(n_synthetic=[30], thresholds=[0.6])))  # no 0: no baseline
 
 
@@ -272,7 +272,7 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
         assert record["n_synthetic"] == trial["n_used"] and record["synthetic_min_dice"] == threshold
         assert record["synthetic"] == str(run_dir / "synthetic.zarr")
     real = by_threshold[None]
-    assert real["run"] == "sweep-tiny-real-n0-s0" and real["n_used"] == 0
+    assert real["run"] == "downstream-real-n0-s0" and real["n_used"] == 0
     for trial in result["trials"]:
         # scored on the 2 validation patients, the detection threshold calibrated on the train patients
         assert trial["val_patients"] == 2 and trial["detection_calibrated_on_train"]

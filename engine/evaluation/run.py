@@ -5,8 +5,10 @@ For each method the run's synthesis settings are reused with only the method and
 the same plan, scar masks, captions, noise seeds, filter and threshold. The downstream models are
 trained on the train patients (real only, or with N kept samples of a method) for every seed,
 calibrated on the validation patients and tested on the test patients; the test patients are read
-here (realism by default, utility) and by no training or sweep. Re-running continues: complete
-stores and finished downstream runs are reused.
+here (realism by default, utility) and by no training or sweep. The downstream runs are Ray Tune
+trials (engine.evaluation.sweep: the same trial function and run names as ``lgesynth sweep``, so a
+model trained by one is scored, not retrained, by the other), several at once where the cluster
+holds them. Re-running continues: complete stores and finished downstream runs are reused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from engine.evaluation.gates import (
     realism,
     realism_items,
     store_alignment,
-    score_downstream,
 )
 
 UTILITY_KEYS = ("dice", "dice_tp", "accuracy", "balanced_accuracy")
@@ -50,16 +51,35 @@ def downstream_config(cfg, name: str, seed: int, synthetic: str = "", n: int = 0
                                                                       n_synthetic=int(n), loop=loop))
 
 
-def _utility_run(cfg, parts, name: str, seed: int, log, synthetic: str = "", n: int = 0) -> dict[str, Any]:
-    from engine.training.downstream import train_downstream
+def utility_runs(cfg, parts, grid: list[dict[str, Any]], log) -> dict[str, list[dict[str, Any]]]:
+    """The downstream runs of ``grid`` (sweep settings: real only, and method x store threshold x n)
+    for every evaluation seed, as Ray Tune trials (several train at once where the cluster holds
+    them); each calibrated on the validation patients and scored on the test patients. Runs by
+    setting label, each run as :func:`engine.evaluation.gates.score_downstream` reports it plus
+    ``seed``, ``n_synthetic`` and ``seconds``. Models already trained under the same config (by an
+    earlier evaluation or a sweep) are scored, not trained again."""
+    import shutil
+    import uuid
 
-    start = time.perf_counter()
-    train_downstream(downstream_config(cfg, name, seed, synthetic, n))
-    result = score_downstream(Path(cfg.run_dir) / name, parts["test"], parts["val"], cfg.evaluation.collapse_min_positive)
-    result.update(seed=int(seed), n_synthetic=int(n), seconds=round(time.perf_counter() - start, 1))
-    log(f"evaluate: {name}: balanced accuracy {result['balanced_accuracy']:.3f}, Dice {result['dice']:.3f}, "
-        f"[TN, FP, FN, TP] = {result['confusion']}" + (" (collapsed)" if result["collapsed"] else ""))
-    return result
+    from engine.evaluation.sweep import run_trials, setting_label, store_selection
+
+    stores = store_selection(cfg, grid)
+    out_dir = Path(cfg.run_dir) / "evaluation" / "utility"
+    shutil.rmtree(out_dir, ignore_errors=True)  # Tune's bookkeeping only: the models are runs of their own
+    trials, errors = run_trials(cfg, parts, stores, grid, list(cfg.evaluation.seeds), out_dir, call=uuid.uuid4().hex,
+                                score_on="test", log=log)
+    if errors:
+        raise RuntimeError("evaluate: downstream run(s) failed: " + "; ".join(
+            f"{setting_label(e)} seed {e['seed']}: {e['error']} ({e['path']})" for e in errors))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for trial in sorted(trials, key=lambda t: t["seed"]):
+        run = {key: trial[key] for key in (*UTILITY_KEYS, "collapsed", "detection_min_pixels", "seconds", "run")}
+        run.update(seed=int(trial["seed"]), n_synthetic=int(trial["n_used"]), patients=int(trial["test_patients"]),
+                   confusion=[int(trial[k]) for k in ("tn", "fp", "fn", "tp")])
+        runs.setdefault(setting_label(trial), []).append(run)
+        log(f"evaluate: {run['run']}: balanced accuracy {run['balanced_accuracy']:.3f}, Dice {run['dice']:.3f}, "
+            f"[TN, FP, FN, TP] = {run['confusion']}" + (" (collapsed)" if run["collapsed"] else ""))
+    return runs
 
 
 def _summarize_utility(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -75,10 +95,12 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
             debugging); the downstream models always train on Ray Train.
     """
     from engine.evaluation.report import verdict, write_report
+    from engine.evaluation.sweep import REAL, absolute_paths, setting_label
     from engine.synthesis.methods import method_actor
     from engine.synthesis.pipeline import SynthesisJob, synthesize
     from engine.training.prepare import prepare_arrays
 
+    cfg = absolute_paths(cfg)  # the downstream runs train in Tune trials, in other working directories
     ev = cfg.evaluation
     parts, _ = prepare_arrays(cfg)
     for name in ("train", "test", ev.realism_split):
@@ -109,8 +131,6 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         entry["synthesis"] = {k: summary[k] for k in ("candidates", "made", "kept", "pass_rate")}
         entry["alignment"] = store_alignment(job.url, threshold, cfg.synthesis.storage_options)
         result["methods"][method] = entry
-    real_runs = [_utility_run(cfg, parts, f"evaluation-real-s{seed}", seed, log) for seed in ev.seeds]
-    result["real_only"] = {"utility": _summarize_utility(real_runs)}
     kept_by = {m: e["alignment"]["kept"] for m, e in result["methods"].items()}
     fewest = min([k for k in kept_by.values() if k > 0], default=0)
     for method, entry in result["methods"].items():
@@ -126,10 +146,14 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
                                      f"number, the fewest any method kept (evaluation.equal_n)")
         elif n < ev.n_synthetic:
             entry["utility_note"] = f"only {kept} kept: {n} added instead of {ev.n_synthetic}"
-        # n in the name: a training run resumes by name, so another n must be another run
-        runs = [_utility_run(cfg, parts, f"evaluation-{method}-n{n}-s{seed}", seed, log, entry["store"], n)
-                for seed in ev.seeds]
-        entry["utility"] = _summarize_utility(runs)
+        entry["setting"] = {"method": method, "threshold": float(threshold), "n": int(n)}
+    grid = [{"method": REAL, "threshold": None, "n": 0},
+            *(e["setting"] for e in result["methods"].values() if "setting" in e)]
+    runs = utility_runs(cfg, parts, grid, log)
+    result["real_only"] = {"utility": _summarize_utility(runs[setting_label(grid[0])])}
+    for entry in result["methods"].values():
+        if "setting" in entry:
+            entry["utility"] = _summarize_utility(runs[setting_label(entry.pop("setting"))])
     result["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(ev.report_dir or Path(cfg.run_dir) / "reports")
     result["verdict"] = verdict(result)

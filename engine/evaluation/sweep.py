@@ -44,7 +44,8 @@ import numpy as np
 REAL = "real"  # the method name of the real-only baseline setting
 RESULT_KEYS = ("balanced_accuracy", "dice", "dice_tp", "accuracy")
 TRIAL_KEYS = (*RESULT_KEYS, "collapsed", "n_used", "n_available", "short", "tn", "fp", "fn", "tp", "run",
-              "val_patients", "detection_calibrated_on_train", "call")
+              "val_patients", "detection_calibrated_on_train", "test_patients", "detection_calibrated_on_val",
+              "detection_min_pixels", "scored_on", "seconds", "call")
 SETTINGS_FILE = "sweep_settings.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -134,11 +135,14 @@ def setting_label(setting: Mapping[str, Any]) -> str:
     return f"{setting['method']}-t{setting['threshold']:g}-n{setting['n']}"
 
 
-def run_name(sweep_name: str, setting: Mapping[str, Any], seed: int, n_used: int | None = None) -> str:
-    """The downstream run of a trial (``<run_dir>/<name>/``): sweep, method, threshold, count and seed,
-    plus the count actually used when fewer samples were available (a run resumes by name, so other
-    data must be another run)."""
-    name = f"sweep-{sweep_name}-{setting_label(setting)}-s{seed}"
+def run_name(setting: Mapping[str, Any], seed: int, n_used: int | None = None) -> str:
+    """The downstream run of a setting and seed (``<run_dir>/<name>/``): method, threshold, count and
+    seed, plus the count actually used when fewer samples were available (a run resumes by name, so
+    other data must be another run). The name says what the model was trained on and nothing else:
+    ``lgesynth evaluate`` and every sweep of the run share a trained model instead of training it
+    again (a finished run is not started again, and one of the same name under another downstream
+    config is refused)."""
+    name = f"downstream-{setting_label(setting)}-s{seed}"
     if n_used is not None and n_used != setting["n"]:
         name += f"-used{n_used}"
     return name
@@ -266,8 +270,12 @@ def _mlflow_callbacks(sweep: SweepConfig) -> list:
 
 
 def run_trial(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]],
-              setting: Mapping[str, Any], seed: int) -> dict[str, Any]:
+              setting: Mapping[str, Any], seed: int, score_on: str = "val") -> dict[str, Any]:
     """Train and score the downstream model of one setting and seed; its final metrics.
+
+    ``score_on``: "val" (the sweep: the detection threshold calibrated on the real train patients,
+    scored on the validation patients) or "test" (``lgesynth evaluate``: calibrated on the
+    validation patients, scored on the test patients, which ``parts`` then holds).
 
     ``n_used`` is the count trained with: all that the threshold selects when fewer than asked
     (``short``); with none at all, nothing is trained and the metrics are NaN.
@@ -286,30 +294,32 @@ def run_trial(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, A
     if n and not n_used:
         return {**out, **dict.fromkeys(RESULT_KEYS, float("nan")), "collapsed": False,
                 **dict.fromkeys(("tn", "fp", "fn", "tp"), 0), "run": ""}
-    name = run_name(cfg.sweep.name, setting, seed, n_used)
+    name = run_name(setting, seed, n_used)
     run_cfg = downstream_config(cfg, name, seed, url, n_used)
     if n_used:
         run_cfg = dataclasses.replace(run_cfg, downstream=dataclasses.replace(
             run_cfg.downstream, synthetic_min_dice=float(setting["threshold"])))
     start = time.perf_counter()
     train_downstream(run_cfg, parts=parts)
-    # calibrated on the real train patients, scored on the validation patients
-    score = score_downstream(Path(cfg.run_dir) / name, parts["val"], parts["train"], cfg.evaluation.collapse_min_positive)
+    scored, calibration = ("val", "train") if score_on == "val" else ("test", "val")
+    score = score_downstream(Path(cfg.run_dir) / name, parts[scored], parts[calibration], cfg.evaluation.collapse_min_positive)
     tn, fp, fn, tp = (int(x) for x in score["confusion"])
     return {**out, **{key: float(score[key]) for key in RESULT_KEYS}, "collapsed": bool(score["collapsed"]),
-            "tn": tn, "fp": fp, "fn": fn, "tp": tp, "run": name, "val_patients": int(score["patients"]),
-            "detection_min_pixels": float(score["detection_min_pixels"]),
-            "detection_calibrated_on_train": bool(score["detection_calibrated_on_val"]),
+            "tn": tn, "fp": fp, "fn": fn, "tp": tp, "run": name, "scored_on": scored,
+            f"{scored}_patients": int(score["patients"]), "detection_min_pixels": float(score["detection_min_pixels"]),
+            f"detection_calibrated_on_{calibration}": bool(score["detection_calibrated_on_val"]),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def sweep_trial(config: Mapping[str, Any], cfg=None, parts=None, stores=None, call: str = "") -> None:
+def sweep_trial(config: Mapping[str, Any], cfg=None, parts=None, stores=None, call: str = "",
+                score_on: str = "val") -> None:
     """The Tune function trainable: ``config`` holds the trial's ``setting`` and ``seed``; ``cfg``,
-    ``parts`` (train and val slices), ``stores`` and ``call`` (the id of the ``sweep`` call that ran
-    the trial, so a restored experiment tells what it ran itself) come through ``tune.with_parameters``."""
+    ``parts`` (train and val slices; test too when ``score_on`` is "test"), ``stores`` and ``call``
+    (the id of the call that ran the trial, so a restored experiment tells what it ran itself) come
+    through ``tune.with_parameters``."""
     import ray.tune
 
-    ray.tune.report({**run_trial(cfg, parts, stores, config["setting"], int(config["seed"])), "call": call})
+    ray.tune.report({**run_trial(cfg, parts, stores, config["setting"], int(config["seed"]), score_on), "call": call})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,6 +521,40 @@ def _check_restorable(out_dir: Path, settings: Mapping[str, Any]) -> None:
                          "choose another sweep.name, or delete that folder to start over")
 
 
+def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]],
+               grid: Sequence[Mapping[str, Any]], seeds: Sequence[int], out_dir: Path, *, call: str,
+               score_on: str = "val", callbacks: Sequence[Any] = (), log: Callable[[str], None] = print,
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every (setting, seed) of ``grid`` x ``seeds`` as a Tune trial (:func:`sweep_trial`) in the
+    experiment folder ``out_dir``, restoring it when it exists (finished trials kept, unfinished
+    and errored ones run again); (finished trials, errored trials). ``cfg`` must have absolute paths
+    (:func:`absolute_paths`). Trials that can train at once: ``cfg.sweep.max_concurrent_trials`` or
+    as many as the cluster's nodes hold ``cfg.downstream.ray`` workers for."""
+    import ray
+    from ray import tune
+
+    from engine.training.distributed import connect
+
+    sw: SweepConfig = cfg.sweep
+    connect(cfg.downstream.ray.address)
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call,
+                                                         score_on=score_on), trial_resources(sw))
+    if tune.Tuner.can_restore(str(out_dir)):
+        tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        concurrent = sw.max_concurrent_trials or max_concurrent_trials(cfg.downstream.ray, sw, nodes)
+        log(f"{out_dir.name}: {len(grid)} setting(s) x {len(seeds)} seed(s), {concurrent} at a time, in {out_dir}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"setting": tune.grid_search(list(grid)), "seed": tune.grid_search(list(seeds))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=out_dir.name, storage_path=str(out_dir.parent), callbacks=list(callbacks),
+                                      verbose=1),
+        )
+    return _collect(tuner.fit())
+
+
 def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep of ``cfg.sweep`` on Ray Tune; the result dict, also written as
     ``<run_dir>/sweeps/<name>/`` (see the module docstring).
@@ -524,7 +568,6 @@ def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
     from ray import tune
 
     from engine.config import to_dict
-    from engine.training.distributed import connect
     from engine.training.prepare import prepare_arrays
 
     if "://" in str(cfg.run_dir):
@@ -546,29 +589,15 @@ def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(f"sweep: {method}: {store['url']}: {counts}")
     out_dir = Path(cfg.run_dir) / "sweeps" / sw.name
     settings = sweep_settings(cfg, grid, stores)
-    connect(cfg.downstream.ray.address)
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call),
-                                    trial_resources(sw))
     restored = tune.Tuner.can_restore(str(out_dir))
     if restored:
         _check_restorable(out_dir, settings)
         log(f"sweep: resuming {out_dir} (finished trials are kept, errored ones run again)")
-        tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
-        import ray
-
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        concurrent = sw.max_concurrent_trials or max_concurrent_trials(cfg.downstream.ray, sw, nodes)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-        log(f"sweep: {len(grid)} setting(s) x {len(sw.seeds)} seed(s), {concurrent} at a time, in {out_dir}")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"setting": tune.grid_search(grid), "seed": tune.grid_search(list(sw.seeds))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=sw.name, storage_path=str(out_dir.parent), callbacks=callbacks, verbose=1),
-        )
-    trials, errors = _collect(tuner.fit())
+    trials, errors = run_trials(cfg, parts, stores, grid, list(sw.seeds), out_dir, call=call, score_on="val",
+                                callbacks=callbacks, log=log)
     rows = summarize(trials, grid)
     result: dict[str, Any] = {
         "sweep": to_dict(sw), "grid": grid, "stores": stores, "trials": trials, "rows": rows, "best": best_setting(rows),

@@ -132,4 +132,5 @@ def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
     sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic), strict=True) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
-                  extra={"synthetic_sources": sources, "synthetic": url if stage.n_synthetic else ""})
+                  extra={"synthetic_sources": sources, "synthetic": url if stage.n_synthetic else ""},
+                  export=Path(cfg.run_dir) / stage.name / f"{STAGE}.json")

@@ -235,5 +235,6 @@ def train_generator(cfg) -> dict[str, Any]:
                          arrays={"train": train_items, "val_positive": val_positive, "val_negative": val_negative},
                          extra={"phase": phase, "vae_folder": str(vae_folder)},
                          # each phase is its own run: the other phase's loop settings are not its config
-                         ignore_changes=("stage.controlnet.*",) if phase == "base" else ("stage.base.*",))
+                         ignore_changes=("stage.controlnet.*",) if phase == "base" else ("stage.base.*",),
+                         export=Path(cfg.run_dir) / STAGE / ("unet.json" if phase == "base" else "controlnet.json"), loop=loop)
     return metrics

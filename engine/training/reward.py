@@ -63,4 +63,5 @@ def train_reward(cfg) -> dict[str, Any]:
     from engine.training.runner import launch
 
     parts, _ = prepare_arrays(cfg)
-    return launch(cfg, cfg.reward, reward_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]})
+    return launch(cfg, cfg.reward, reward_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]},
+                  export=Path(cfg.run_dir) / STAGE / f"{STAGE}.json")

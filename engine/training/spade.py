@@ -214,4 +214,4 @@ def train_spade(cfg, context: str) -> dict[str, Any]:
         raise ValueError(f"{cfg.cohort.root}: the train patients have no positive slice to train {method} on")
     val = spade_arrays(parts["val"], cfg.data) if parts["val"].positive.any() else None
     return launch(cfg, stage, spade_worker, name=method, arrays={"train": spade_arrays(parts["train"], cfg.data), "val": val},
-                  extra={"context": context})
+                  extra={"context": context}, export=stage.folder(cfg.run_dir, context) / f"{STAGE}.json")

@@ -124,4 +124,5 @@ def train_vae(cfg) -> dict[str, Any]:
     if cfg.vae.pretrained:
         raise ValueError(f"vae.pretrained is set ({cfg.vae.pretrained}): the generator uses that VAE; unset it to train one")
     parts, _ = prepare_arrays(cfg)
-    return launch(cfg, cfg.vae, vae_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]})
+    return launch(cfg, cfg.vae, vae_worker, name=STAGE, arrays={"train": parts["train"], "val": parts["val"]},
+                  export=Path(cfg.run_dir) / STAGE / f"{STAGE}.json")
