@@ -41,7 +41,7 @@ def test_the_grid_runs_the_real_only_baseline_once_and_names_every_run():
     names = {run_name(s, seed) for s in grid for seed in sweep.seeds}
     assert len(names) == len(grid) * 2  # every (method, threshold, n, seed) its own downstream run
     assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1) == "downstream-paste-t0.7-n60-s1"
-    assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1, n_used=41) == "downstream-paste-t0.7-n60-s1-used41"
+    assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1, n_used=41) == "downstream-paste-t0.7-n41-s1"
     assert run_name(grid[0], 2) == "downstream-real-n0-s2"
     assert all(s["n"] for s in sweep_grid(SweepConfig(n_synthetic=[30], thresholds=[0.6])))  # no 0: no baseline
 
@@ -299,3 +299,22 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
                                         "sweep.seeds=[0]", "sweep.thresholds=[-1.0]", "sweep.name=tiny"])
     with pytest.raises(ValueError, match="started with other settings"):
         sweep(other, log=log.append)
+
+
+def test_settings_that_train_the_same_model_are_one_trial_and_report_on_each_setting():
+    from engine.evaluation.sweep import expand_trials, trained_settings
+
+    grid = sweep_grid(SweepConfig(methods=["lgesynthnet"], n_synthetic=[0, 15, 30], thresholds=[0.6, 0.7, 0.9]))
+    stores = {"lgesynthnet": {"available": {"0.6": 13, "0.7": 30, "0.9": 0}}}
+    trained = trained_settings(grid, stores)
+    # 0.6: both counts train on all 13 (one model); 0.7: 15 and 30 differ; 0.9: nothing available, kept as asked
+    assert trained == [{"method": "real", "threshold": None, "n": 0}, {"method": "lgesynthnet", "threshold": 0.6, "n": 13},
+                       {"method": "lgesynthnet", "threshold": 0.7, "n": 15}, {"method": "lgesynthnet", "threshold": 0.7, "n": 30},
+                       {"method": "lgesynthnet", "threshold": 0.9, "n": 15}, {"method": "lgesynthnet", "threshold": 0.9, "n": 30}]
+    trials = [{**s, "seed": 0, "n_used": min(s["n"], 13 if s["threshold"] == 0.6 else s["n"]), "short": False,
+               "balanced_accuracy": 0.5} for s in trained]
+    rows = expand_trials(trials, grid, stores)
+    assert len(rows) == len(grid)
+    at_06 = [r for r in rows if r["threshold"] == 0.6]
+    assert [(r["n"], r["n_used"], r["short"]) for r in at_06] == [(15, 13, True), (30, 13, True)]
+    assert [(r["n"], r["short"]) for r in rows if r["threshold"] == 0.7] == [(15, False), (30, False)]

@@ -136,16 +136,13 @@ def setting_label(setting: Mapping[str, Any]) -> str:
 
 
 def run_name(setting: Mapping[str, Any], seed: int, n_used: int | None = None) -> str:
-    """The downstream run of a setting and seed (``<run_dir>/<name>/``): method, threshold, count and
-    seed, plus the count actually used when fewer samples were available (a run resumes by name, so
-    other data must be another run). The name says what the model was trained on and nothing else:
-    ``lgesynth evaluate`` and every sweep of the run share a trained model instead of training it
-    again (a finished run is not started again, and one of the same name under another downstream
-    config is refused)."""
-    name = f"downstream-{setting_label(setting)}-s{seed}"
-    if n_used is not None and n_used != setting["n"]:
-        name += f"-used{n_used}"
-    return name
+    """The downstream run of a setting and seed (``<run_dir>/<name>/``): method, threshold, the count
+    of samples it trains with (``n_used`` when fewer than asked were available) and seed. The name
+    says what the model was trained on and nothing else, so ``lgesynth evaluate`` and every sweep
+    of the run share a trained model instead of training it again (a finished run is not started
+    again; one of the same name under another downstream config is refused)."""
+    used = setting["n"] if n_used is None else n_used
+    return f"downstream-{setting_label({**setting, 'n': used})}-s{seed}"
 
 
 def trial_dirname(trial) -> str:
@@ -536,6 +533,7 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
     from engine.training.distributed import connect
 
     sw: SweepConfig = cfg.sweep
+    trained = trained_settings(grid, stores)
     connect(cfg.downstream.ray.address)
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call,
                                                          score_on=score_on), trial_resources(sw))
@@ -544,15 +542,56 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
     else:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         concurrent = sw.max_concurrent_trials or max_concurrent_trials(cfg.downstream.ray, sw, nodes)
-        log(f"{out_dir.name}: {len(grid)} setting(s) x {len(seeds)} seed(s), {concurrent} at a time, in {out_dir}")
+        log(f"{out_dir.name}: {len(grid)} setting(s) ({len(trained)} trained) x {len(seeds)} seed(s), "
+            f"{concurrent} at a time, in {out_dir}")
         tuner = tune.Tuner(
             trainable,
-            param_space={"setting": tune.grid_search(list(grid)), "seed": tune.grid_search(list(seeds))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            param_space={"setting": tune.grid_search(trained), "seed": tune.grid_search(list(seeds))},
+            # reuse_actors: a trial's driver process (torch, MONAI, the engine imported) serves the next trial
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=out_dir.name, storage_path=str(out_dir.parent), callbacks=list(callbacks),
                                       verbose=1),
         )
-    return _collect(tuner.fit())
+    trials, errors = _collect(tuner.fit())
+    return expand_trials(trials, grid, stores), expand_trials(errors, grid, stores)
+
+
+def _used(setting: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]]) -> int:
+    if not setting["n"]:
+        return 0
+    return min(int(setting["n"]), int(stores[setting["method"]]["available"][_threshold_key(setting["threshold"])]))
+
+
+def trained_settings(grid: Sequence[Mapping[str, Any]], stores: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The settings of ``grid`` that train different models: a setting asking for more samples than
+    its threshold selects trains on all of them, like one asking for exactly that many, so they are
+    one trial (two trials must never train the same run at once). Counts become the counts used;
+    a setting with no sample available stays as it is (it trains nothing)."""
+    out: list[dict[str, Any]] = []
+    for setting in grid:
+        used = _used(setting, stores)
+        effective = {**setting, "n": used} if used else dict(setting)
+        if effective not in out:
+            out.append(effective)
+    return out
+
+
+def expand_trials(trials: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]],
+                  stores: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The trials of :func:`trained_settings` back on every setting of ``grid`` they stand for (with
+    that setting's count, and ``short`` when it asked for more than were used)."""
+    out = []
+    for setting in grid:
+        used = _used(setting, stores)
+        effective = {**setting, "n": used} if used else dict(setting)
+        for trial in trials:
+            if _same_setting(trial, effective):
+                row = {**trial, "n": setting["n"]}
+                if "short" in trial:
+                    row["short"] = int(trial.get("n_used") or 0) < int(setting["n"])
+                out.append(row)
+    return out
 
 
 def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
