@@ -9,3 +9,10 @@ import os as _os
 # crawls for three minutes. 30 s still leaves a live driver three renewals of slack. Set it before
 # importing ray.data (it is read once, at import) to choose another value.
 _os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
+
+# Ray Train V2's controller polls its worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default
+# 2 s): a run's start and its end are each noticed up to one interval late. The engine starts many
+# short runs (every downstream trial of an evaluation or sweep), so it polls every 0.5 s (a trivial
+# cost). It reaches the controller through the environment of a cluster started by this process
+# (ray.init); on a standing cluster set it in the cluster's environment or the job's runtime_env.
+_os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

@@ -174,7 +174,10 @@ def write_demo_report(result: dict[str, Any], out_dir: Path) -> str:
              f"{result['seconds']:.0f} s; peak memory (driver and every process it started) {result['peak_rss_mib']:.0f} MiB.",
              "", "| step | seconds | outcome |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['seconds']:.0f} | {s['outcome']} |" for s in result["steps"]]
-    lines += [""]
+    lines += ["", "Every model here trained for a minute or two on a few dozen phantom patients: the figures show "
+              "that each part of the engine runs and what it reports, not what the method is worth (a dozen "
+              "test patients, undertrained downstream models: expect collapsed runs and SDs as large as the "
+              "differences). configs/phantom.yaml is the larger study; its figures are in benchmarks/RESULTS.md.", ""]
     evaluation = result.get("evaluation")
     if evaluation:
         lines += [Path(evaluation["report"]["markdown"]).read_text(), ""]

@@ -62,9 +62,11 @@ def test_every_stage_exports_safetensors_and_json(trained_run):
     cfg, base, metrics = trained_run
     run = Path(cfg.run_dir)
     assert (run / "cohort" / "manifest.json").is_file()  # the demo wrote its phantom into --out
+    mixed = [p.name for p in run.glob("downstream-*-t-1-n4-s0")]  # named by method, store tag, threshold, n, seed
+    assert sorted(name.split("-")[1] for name in mixed) == ["lgesynthnet", "paste", "spade"]
     for folder, names in (("reward", ["reward"]), ("vae", ["vae"]), ("generator", ["unet", "controlnet"]),
-                          ("downstream-real-n0-s0", ["downstream"]), ("downstream-paste-t-1-n4-s0", ["downstream"]),
-                          ("downstream-lgesynthnet-t-1-n4-s0", ["downstream"])):
+                          ("spade-fc", ["spade"]), ("downstream-real-n0-s0", ["downstream"]),
+                          *((name, ["downstream"]) for name in mixed)):
         for name in names:
             record = json.loads((run / folder / f"{name}.json").read_text())
             assert (run / folder / record["weights"]).stat().st_size > 0
@@ -96,7 +98,8 @@ def test_the_demo_report_holds_every_step_and_all_three_gates(trained_run):
         assert entry["realism"]["slices"] == 2 and entry["alignment"]["made"] == 6
         run = entry["utility"]["runs"][0]
         assert run["seed"] == 0 and run["n_synthetic"] == 4 and sum(run["confusion"]) == run["patients"] > 0
-        record = json.loads((Path(cfg.run_dir) / f"downstream-{method}-t-1-n4-s0" / "downstream.json").read_text())
+        assert run["run"].startswith(f"downstream-{method}-") and run["run"].endswith("-t-1-n4-s0")
+        record = json.loads((Path(cfg.run_dir) / run["run"] / "downstream.json").read_text())
         assert record["config"]["n_synthetic"] == 4 and len(record["config"]["synthetic_sources"]) == 4
     assert any(line.startswith("lgesynthnet:") and "paste" in line for line in result["verdict"])
     text = (reports / "demo.md").read_text()
@@ -108,7 +111,8 @@ def test_the_demo_report_holds_every_step_and_all_three_gates(trained_run):
     assert [(r["method"], r["n_synthetic"]) for r in sweep["rows"]] == [("real", 0), ("lgesynthnet", 2)]
     assert "## Sweep (validation patients)" in text and (Path(sweep["experiment"]) / "roi.png").stat().st_size > 5_000
     trials = json.loads((Path(sweep["experiment"]) / "sweep.json").read_text())["trials"]
-    assert sorted(t["run"] for t in trials) == ["downstream-lgesynthnet-t-1-n2-s0", "downstream-real-n0-s0"]
+    tag = result["methods"]["lgesynthnet"]["utility"]["runs"][0]["run"].split("-")[2]  # the run's own store
+    assert sorted(t["run"] for t in trials) == [f"downstream-lgesynthnet-{tag}-t-1-n2-s0", "downstream-real-n0-s0"]
 
 
 def test_every_stage_uses_the_runs_one_split(trained_run):

@@ -43,6 +43,9 @@ def test_the_grid_runs_the_real_only_baseline_once_and_names_every_run():
     assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1) == "downstream-paste-t0.7-n60-s1"
     assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1, n_used=41) == "downstream-paste-t0.7-n41-s1"
     assert run_name(grid[0], 2) == "downstream-real-n0-s2"
+    # the store the samples come from is in the name: another store, another model
+    assert run_name({"method": "paste", "threshold": 0.7, "n": 60}, 1, 41, "0123abcd") == "downstream-paste-0123abcd-t0.7-n41-s1"
+    assert run_name(grid[0], 2, store="0123abcd") == "downstream-real-n0-s2"
     assert all(s["n"] for s in sweep_grid(SweepConfig(n_synthetic=[30], thresholds=[0.6])))  # no 0: no baseline
 
 

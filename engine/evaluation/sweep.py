@@ -135,14 +135,26 @@ def setting_label(setting: Mapping[str, Any]) -> str:
     return f"{setting['method']}-t{setting['threshold']:g}-n{setting['n']}"
 
 
-def run_name(setting: Mapping[str, Any], seed: int, n_used: int | None = None) -> str:
-    """The downstream run of a setting and seed (``<run_dir>/<name>/``): method, threshold, the count
-    of samples it trains with (``n_used`` when fewer than asked were available) and seed. The name
-    says what the model was trained on and nothing else, so ``lgesynth evaluate`` and every sweep
-    of the run share a trained model instead of training it again (a finished run is not started
-    again; one of the same name under another downstream config is refused)."""
+def run_name(setting: Mapping[str, Any], seed: int, n_used: int | None = None, store: str = "") -> str:
+    """The downstream run of a setting and seed (``<run_dir>/<name>/``): method, ``store`` (a short
+    tag of the store the samples come from, :func:`store_tag`), threshold, the count of samples it
+    trains with (``n_used`` when fewer than asked were available) and seed. The name says what the
+    model was trained on and nothing else, so ``lgesynth evaluate`` and every sweep of the run share
+    a trained model instead of training it again (a finished run is not started again; one of the
+    same name under another downstream config is refused)."""
     used = setting["n"] if n_used is None else n_used
-    return f"downstream-{setting_label({**setting, 'n': used})}-s{seed}"
+    label = setting_label({**setting, "n": used})
+    if store and used:
+        method = setting["method"]
+        label = f"{method}-{store}{label[len(method):]}"
+    return f"downstream-{label}-s{seed}"
+
+
+def store_tag(store: Mapping[str, Any]) -> str:
+    """8 hex digits naming a store in run names: its fingerprint (plan, config, checkpoints), else its URL."""
+    import hashlib
+
+    return str(store.get("fingerprint") or hashlib.sha256(str(store["url"]).encode()).hexdigest())[:8]
 
 
 def trial_dirname(trial) -> str:
@@ -291,7 +303,7 @@ def run_trial(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, A
     if n and not n_used:
         return {**out, **dict.fromkeys(RESULT_KEYS, float("nan")), "collapsed": False,
                 **dict.fromkeys(("tn", "fp", "fn", "tp"), 0), "run": ""}
-    name = run_name(setting, seed, n_used)
+    name = run_name(setting, seed, n_used, store_tag(stores[setting["method"]]) if n_used else "")
     run_cfg = downstream_config(cfg, name, seed, url, n_used)
     if n_used:
         run_cfg = dataclasses.replace(run_cfg, downstream=dataclasses.replace(
@@ -461,7 +473,7 @@ def roi_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_xlabel("synthetic samples added")
     ax.set_ylabel("balanced accuracy (validation patients)")
     ax.set_title(f"{', '.join(methods) or 'real only'}: return on synthetic samples"
-                 + (" (hollow: fewer available than asked)" if any(r["short"] for r in rows) else ""), fontsize=8)
+                 + ("\n(hollow: fewer available than asked)" if any(r["short"] for r in rows) else ""), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
