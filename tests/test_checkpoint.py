@@ -218,7 +218,7 @@ def test_a_checkpoint_resumes_only_under_its_own_config(tmp_path):
 
     saved = _run_config()
     folder = save_checkpoint(tmp_path / "ckpt", models={"m": nn.Linear(2, 2)}, state={"step": 3},
-                             config={"stage": saved["stage"], "data": saved["data"]})
+                             config={"stage": saved["stage"], "data": saved["data"], "own": "a key fit() never sees"})
     # more epochs, more steps, other Ray resources: the same run, continued
     check_resumable(str(folder), {**_run_config(epochs=9, max_steps=100), "arrays": {"train": "another-ref"}}, "run")
     changed = _run_config(lr=0.01)

@@ -235,8 +235,9 @@ def check_resumable(checkpoint: str, config: Mapping[str, Any], name: str, ignor
 
     from engine.training.checkpoint import read_checkpoint_config
 
-    saved = read_checkpoint_config(checkpoint)
-    current = json.loads(json.dumps({key: config[key] for key in saved if key in config}, default=list))
+    # only the sections both know: a train function may store keys of its own that fit() never sees
+    saved = {key: value for key, value in read_checkpoint_config(checkpoint).items() if key in config}
+    current = json.loads(json.dumps({key: config[key] for key in saved}, default=list))
     changes = config_changes(saved, current, RESUMABLE_CHANGES + tuple(ignore))
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
