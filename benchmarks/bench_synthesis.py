@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rss-candidates", type=int, default=32, help="N of figure 4 (also runs 10N)")
     parser.add_argument("--rss-steps", type=int, default=2, help="sampler steps of figure 4 (short 10N runs)")
     parser.add_argument("--store-shards", type=int, default=32, help="shards written per store in figure 5")
+    parser.add_argument("--compression", default="fast,small",
+                        help="store compressions of figure 5 (synthesis.compression), comma-separated")
     parser.add_argument("--patients", type=int, default=24, help="phantom patients (192 px)")
     parser.add_argument("--candidates-per-slice", type=int, default=8, help="draws per negative slice")
     parser.add_argument("--config", default="configs/phantom.yaml", help="model sizes and synthesis settings")
@@ -521,22 +524,23 @@ def raw_encode(codecs: dict, shard_rows: dict) -> int:
     return size
 
 
-def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int) -> dict[str, float]:
+def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int, compression: str) -> dict[str, float]:
     """Median seconds of writing every shard with the store (``ShardWriter``: encode, then every
     array's shard object, then the shard's ``shard_complete`` flag), of piping the same encoded
     objects with ``fs``, of piping the arrays' plain bytes with ``fs``, and of encoding the same
     chunks with plain numcodecs (no IO), with the byte counts. Both raw writers put a shard as the
     store does: one ``pipe`` call of its array objects, then one of its marker object (written only
     once the rest is stored), shard after shard as the pipeline's writers do. ``root`` is ``fs``'s
-    path of a fresh folder, ``url_of(path)`` its URL for zarr."""
+    path of a fresh folder, ``url_of(path)`` its URL for zarr; ``compression`` the store's
+    (``synthesis.compression``)."""
     from engine.synthesis.store import MARKER, ShardWriter, create_store
 
     times: dict[str, list[float]] = {"zarr": [], "encoded": [], "plain": [], "encode": []}
     plain = {shard: array_bytes(shard_rows) for shard, shard_rows in rows.items()}
     encoded_bytes = 0
     for r in range(repeats + 1):  # the first round warms codecs and connections, untimed
-        path = f"{root}/zarr-{r}.zarr"
-        group = create_store(url_of(path), layout, {"benchmark": True}, options)
+        path = f"{root}/{compression}/zarr-{r}.zarr"
+        group = create_store(url_of(path), layout, {"benchmark": True}, options, compression=compression)
         codecs = {name: raw_codecs(group, name) for name in rows[next(iter(rows))]}
         start = time.perf_counter()
         writer = ShardWriter(group, layout)  # as a write task of the datasink: arrays opened once
@@ -553,13 +557,14 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int) -> d
         start = time.perf_counter()
         for shard in sorted(objects):
             arrays = {rel: data for rel, data in objects[shard].items() if not rel.startswith(f"{MARKER}/")}
-            fs.pipe({f"{root}/encoded-{r}/{rel}": data for rel, data in arrays.items()})
-            fs.pipe({f"{root}/encoded-{r}/{rel}": data for rel, data in objects[shard].items() if rel not in arrays})
+            fs.pipe({f"{root}/{compression}/encoded-{r}/{rel}": data for rel, data in arrays.items()})
+            fs.pipe({f"{root}/{compression}/encoded-{r}/{rel}": data for rel, data in objects[shard].items()
+                     if rel not in arrays})
         t_encoded = time.perf_counter() - start
         start = time.perf_counter()
         for shard, arrays in plain.items():
-            fs.pipe({f"{root}/plain-{r}/{name}/{shard}": data for name, data in arrays.items()})
-            fs.pipe({f"{root}/plain-{r}/{MARKER}/{shard}": b"\x01"})
+            fs.pipe({f"{root}/{compression}/plain-{r}/{name}/{shard}": data for name, data in arrays.items()})
+            fs.pipe({f"{root}/{compression}/plain-{r}/{MARKER}/{shard}": b"\x01"})
         t_plain = time.perf_counter() - start
         start = time.perf_counter()
         for shard_rows in rows.values():
@@ -609,9 +614,10 @@ def figure_store_writes(base: Path, parts, args, lines: list) -> None:
         s3 = fsspec.filesystem("s3", **options)
         s3.mkdir("bench")
         targets.append(("S3 (moto)", s3, "bench/f5", lambda p: f"s3://{p}", options))
-        for name, fs, root, url_of, opts in targets:
-            t = zarr_vs_raw(fs, root, url_of, opts, layout, rows, args.repeats)
+        for (name, fs, root, url_of, opts), compression in itertools.product(targets, args.compression.split(",")):
+            t = zarr_vs_raw(fs, root, url_of, opts, layout, rows, args.repeats, compression)
             mb = t["plain_mb"]  # throughputs count the candidates' plain array bytes
+            name = f"{name}, compression {compression}"
             print(f"[5] {name}: {shards} shards x {shard_size} candidates = {mb:.1f} MB of arrays "
                   f"({t['encoded_mb']:.1f} MB as Zarr chunk objects); median of {args.repeats}: zarr ShardWriter "
                   f"{t['zarr']:.3f} s ({mb / t['zarr']:.1f} MB/s); fsspec pipe, two calls per shard (objects, "

@@ -18,6 +18,7 @@ import torch
 from engine.training._toy import toy_model, toy_regression_data, toy_train_fn
 from engine.training.checkpoint import PICKLE_SUFFIXES, load_checkpoint, read_checkpoint_state
 from engine.training.distributed import (
+    IN_PROCESS_MANIFEST,
     InsufficientResourcesError,
     RayTrainConfig,
     check_cluster_resources,
@@ -25,6 +26,7 @@ from engine.training.distributed import (
     latest_checkpoint_path,
     storage_path_for,
 )
+
 
 TOY = {"seed": 0, "samples": 256, "batch_size": 16, "epochs": 2}
 STEPS_PER_EPOCH = 8
@@ -51,7 +53,7 @@ def _mse(weights: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        [{"num_workers": 0}, "num_workers must be an int >= 1"],
+        [{"num_workers": -1}, "num_workers must be an int >= 0"],
         [{"cpus_per_worker": 0}, "cpus_per_worker must be > 0"],
         [{"backend": "nccl"}, "backend 'nccl' needs use_gpu=True"],
         [{"backend": "mpi"}, "backend must be"],
@@ -195,3 +197,36 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
     assert killed_at <= state["start_steps"][1] < 16  # continued from the dead driver's last checkpoint
     for key in uninterrupted:
         torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_in_process_run_keeps_checkpoints_and_resumes_like_a_worker_run(ray_cluster, tmp_path):
+    """num_workers 0: Ray Train's local mode, with this harness's checkpoints in the run's storage."""
+    import json
+
+    run_dir = str(tmp_path)
+    cfg = _cfg(num_workers=0)  # world size 1: 16 steps an epoch, a checkpoint every 4, the 2 newest kept
+    first = fit(toy_train_fn, {**TOY, "epochs": 1}, name="toy-local", run_dir=run_dir, cfg=cfg)
+    experiment = os.path.join(run_dir, "ray", "toy-local")
+    names = json.load(open(os.path.join(experiment, IN_PROCESS_MANIFEST)))["checkpoints"]
+    assert [n.split("_")[1] for n in names] == ["step00000012", "step00000016"]
+    assert sorted(d for d in os.listdir(experiment) if d.startswith("checkpoint")) == names  # older ones removed
+    assert first.metrics["step"] == 16 and first.checkpoint.path == os.path.join(experiment, names[-1])
+    assert latest_checkpoint_path(run_dir, "toy-local") == first.checkpoint.path
+    for _, _, files in os.walk(run_dir):
+        assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+
+    resumed = fit(toy_train_fn, {**TOY, "epochs": 2}, name="toy-local", run_dir=run_dir, cfg=cfg)
+    state, weights = _weights(resumed.checkpoint.path)
+    assert state["step"] == 32 and state["start_steps"] == [0, 16]  # continued, not restarted
+    straight = fit(toy_train_fn, {**TOY, "epochs": 2}, name="toy-local-straight", run_dir=run_dir, cfg=cfg)
+    _, uninterrupted = _weights(straight.checkpoint.path)
+    for key in uninterrupted:  # resuming changed nothing
+        torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
+    assert _mse(weights) < 0.5 * _mse(toy_model(seed=0).state_dict())
+
+    with pytest.raises(ValueError, match="last trained in process"):  # Ray's workers only know Ray's snapshot
+        fit(toy_train_fn, {**TOY, "epochs": 3}, name="toy-local", run_dir=run_dir, cfg=_cfg())
+    with pytest.raises(ValueError, match="keeps its checkpoints on a local path"):
+        fit(toy_train_fn, TOY, name="toy-s3", run_dir=run_dir, cfg=_cfg(num_workers=0, storage_path="s3://bucket/x"))

@@ -38,9 +38,11 @@ def stage_config(run_dir, extra=()):
     for loop in LOOPS:
         overrides += [f"{loop}.epochs=1", f"{loop}.batch_size=4", f"{loop}.max_steps=2"]
     # Two workers (DDP on two nodes) for the generator, whose frozen text encoder, VAE and reward
-    # model sit beside the trained UNet/ControlNet; one worker elsewhere (each extra worker costs
-    # ~7 s of start-up on two cores; test_distributed covers two-node DDP, worker death, resumption).
-    for stage, workers in (("reward", 1), ("vae", 1), ("generator", 2), ("downstream", 1), ("spade", 1)):
+    # model sit beside the trained UNet/ControlNet; the others train in process (num_workers 0: no
+    # Train controller or worker actors, ~15 s of start-up each saved on two cores; the downstream
+    # runs inside the evaluation's and the sweep's Tune trials). test_distributed covers two-node
+    # DDP, worker death and resumption in both modes.
+    for stage, workers in (("reward", 0), ("vae", 0), ("generator", 2), ("downstream", 0), ("spade", 0)):
         overrides += [f"{stage}.ray.num_workers={workers}", f"{stage}.ray.checkpoint_every_steps=1"]
     return from_dict(EngineConfig, apply_overrides({}, [*overrides, *extra]))
 

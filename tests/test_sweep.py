@@ -87,6 +87,13 @@ def test_trials_reserve_no_cpu_and_concurrency_follows_the_worker_slots():
     assert max_concurrent_trials(autoscaling, SweepConfig(trial_cpus=0.01), two_nodes) == 1
     gpus = RayTrainConfig(num_workers=2, use_gpu=True, cpus_per_worker=4.0)
     assert max_concurrent_trials(gpus, SweepConfig(), [{"CPU": 64.0, "GPU": 8.0}]) == 4
+    # in process (num_workers 0): the trial is the worker and reserves its resources itself
+    in_process = RayTrainConfig(num_workers=0, cpus_per_worker=1.0)
+    assert trial_resources(SweepConfig(), in_process) == {"cpu": 1.0, "memory": 512 * 1024**2}
+    assert max_concurrent_trials(in_process, SweepConfig(trial_cpus=0.5), two_nodes) == 2
+    gpu_in_process = RayTrainConfig(num_workers=0, use_gpu=True, cpus_per_worker=4.0, gpus_per_worker=1.0)
+    assert trial_resources(SweepConfig(), gpu_in_process)["gpu"] == 1.0
+    assert max_concurrent_trials(gpu_in_process, SweepConfig(), [{"CPU": 64.0, "GPU": 8.0}]) == 8
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -128,17 +128,24 @@ def _objects(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("compression", ["fast", "small", "none"])
 @pytest.mark.parametrize("encoded", [True, False], ids=["encoded", "zarr-fallback"])
-def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path, monkeypatch, encoded):
+def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path, monkeypatch, encoded, compression):
     """The writer's own encoding (and its fallback through zarr, for codecs it does not run) stores
-    byte for byte what plain zarr slice assignment stores, rewrites and partial shards included."""
+    byte for byte what plain zarr slice assignment stores, rewrites and partial shards included,
+    whatever the store's compression."""
     from engine.synthesis import store
 
     if not encoded:
         monkeypatch.setattr(store._ShardEncoder, "supports", staticmethod(lambda array, size: False))
     layout = StoreLayout(rows=11, height=8, width=6, shard_size=4)  # the last shard is partial (3 rows)
     fast, plain = tmp_path / "fast.zarr", tmp_path / "plain.zarr"
-    groups = {path: create_store(str(path), layout, {"candidates": 11}) for path in (fast, plain)}
+    groups = {path: create_store(str(path), layout, {"candidates": 11}, compression=compression) for path in (fast, plain)}
+    codecs = {name: [c.to_dict()["name"] for c in groups[fast][name].metadata.codecs[0].codecs]
+              for name in ("image", "label")}  # inside the sharding codec
+    assert codecs == {"fast": {"image": ["bytes"], "label": ["bytes", "blosc"]},
+                      "small": {"image": ["bytes", "zstd"], "label": ["bytes", "zstd"]},
+                      "none": {"image": ["bytes"], "label": ["bytes"]}}[compression]
     writer = ShardWriter(groups[fast], layout)
     assert len(writer.encoders) == (len(ShardWriter.NAMES) if encoded else 0)
     assert (writer.marker_encoder is not None) == encoded
@@ -264,6 +271,8 @@ def test_memory_store_and_readers(base, tmp_path):
 def test_credentials_in_storage_options_are_refused():
     with pytest.raises(ValueError, match="must not hold credentials \\(client_kwargs.aws_secret_access_key\\)"):
         SynthesisConfig(storage_options={"client_kwargs": {"aws_secret_access_key": "x"}})
+    with pytest.raises(ValueError, match="compression must be 'fast', 'small' or 'none', got 'lz4'"):
+        SynthesisConfig(compression="lz4")
 
 
 def _corrupt(url: str, what: str) -> None:

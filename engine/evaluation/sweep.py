@@ -22,7 +22,10 @@ so by default it reserves no CPU. Ray Tune refuses a request of nothing at all (
 a ResourceRequest with an empty head and zero worker bundles"), so it reserves a little logical
 memory instead (``trial_memory_mb``). Even a small CPU fraction would cost a worker slot on its
 node: on one-CPU nodes, two trials holding 0.01 CPU on two nodes leave no room for any one-CPU
-worker, and both wait forever.
+worker, and both wait forever. With ``downstream.ray.num_workers: 0`` the model trains inside the
+trial's own process (Ray Train's local mode, no controller or worker actors to start: about 15 s a
+run saved on two CPU cores, which is what the demo uses), and the trial reserves that worker's CPUs
+(and GPU) itself.
 """
 
 from __future__ import annotations
@@ -230,9 +233,16 @@ def absolute_paths(cfg):
     )
 
 
-def trial_resources(sweep: SweepConfig) -> dict[str, float]:
-    """What each trial's driver reserves (``tune.with_resources``); zero entries are dropped by Tune."""
-    return {"cpu": float(sweep.trial_cpus), "memory": float(sweep.trial_memory_mb) * 1024**2}
+def trial_resources(sweep: SweepConfig, train=None) -> dict[str, float]:
+    """What each trial reserves (``tune.with_resources``); zero entries are dropped by Tune. When the
+    downstream model trains in the trial's own process (``train.num_workers`` 0), the trial holds
+    that worker's resources too."""
+    resources = {"cpu": float(sweep.trial_cpus), "memory": float(sweep.trial_memory_mb) * 1024**2}
+    if train is not None and not train.num_workers:
+        resources["cpu"] = max(resources["cpu"], float(train.cpus_per_worker))
+        if train.use_gpu:
+            resources["gpu"] = float(train.gpus_per_worker)
+    return resources
 
 
 def max_concurrent_trials(train, sweep: SweepConfig, nodes: Sequence[Mapping[str, float]]) -> int:
@@ -249,7 +259,8 @@ def max_concurrent_trials(train, sweep: SweepConfig, nodes: Sequence[Mapping[str
     need = train.resources_per_worker
     slots = sum(min(math.floor(node.get(key, 0.0) / amount + 1e-9) for key, amount in need.items()) for node in nodes)
     driver = math.ceil(sweep.trial_cpus / train.cpus_per_worker - 1e-9) if sweep.trial_cpus > 0 else 0
-    count = slots // (train.num_workers + driver)
+    # a trial that trains in its own process (num_workers 0) is one worker, whatever its driver holds
+    count = slots // (train.num_workers + driver) if train.num_workers else slots
     if count >= 1:
         return int(count)
     if not train.check_resources:
@@ -548,7 +559,8 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
     trained = trained_settings(grid, stores)
     connect(cfg.downstream.ray.address)
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call,
-                                                         score_on=score_on), trial_resources(sw))
+                                                         score_on=score_on),
+                                       trial_resources(sw, cfg.downstream.ray))
     if tune.Tuner.can_restore(str(out_dir)):
         tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:

@@ -84,6 +84,10 @@ class SynthesisConfig:
         threshold: a candidate passes when Dice(predicted scar, conditioning mask) > threshold.
         keep_rejected: keep the images of rejected candidates (else only their metadata: dice,
             caption, source, spec; image, label and condition stay empty).
+        compression: how the store's arrays are compressed (:func:`engine.synthesis.store.compressors`):
+            "fast" (raw float images, LZ4 masks: writing keeps up with generation), "small" (zarr's
+            zstd everywhere: ~15% smaller images for slow or costly object storage) or "none".
+            Set when the store is created; an existing store keeps its own.
         method: what fills the scar region (:mod:`engine.synthesis.methods`): "lgesynthnet" (the
             trained generator), "paste" (the model-free control, settings in ``paste``), "spade-fc"
             or "spade-lc" (the paper's SPADE baselines, trained by ``lgesynth train spade-fc|spade-lc``).
@@ -110,6 +114,7 @@ class SynthesisConfig:
     num_inference_steps: int = 0
     threshold: float = 0.6
     keep_rejected: bool = False
+    compression: Literal["fast", "small", "none"] = "fast"
     method: Literal["lgesynthnet", "paste", "spade-fc", "spade-lc"] = "lgesynthnet"
     paste: PasteConfig = field(default_factory=PasteConfig)
     generator: str = ""
@@ -128,6 +133,8 @@ class SynthesisConfig:
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the cloud's provider chain)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.compression not in ("fast", "small", "none"):
+            raise ValueError(f"compression must be 'fast', 'small' or 'none', got {self.compression!r}")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {self.split!r}")
         for name, lo in (("candidates_per_slice", 1), ("seed", 0), ("max_candidates", 0), ("shard_size", 1),

@@ -187,7 +187,7 @@ class SynthesisJob:
                     f"{self.url}: the store was written with another plan, config or checkpoint ({'; '.join(changes[:6])}); "
                     "write to a new synthesis.store, or delete this one to start over")
             return group
-        return create_store(self.url, self.layout, self.attrs, opts)
+        return create_store(self.url, self.layout, self.attrs, opts, compression=self.syn.compression)
 
     def actor_args(self) -> tuple[dict[str, Any], dict[str, Any]]:
         from engine.config import to_dict

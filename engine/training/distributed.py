@@ -16,6 +16,17 @@ How resuming works (Ray 2.60, Train V2; both cases are exercised by ``tests/test
   (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a worker that dies within that window after a report
   loses that checkpoint and the run resumes from the one before (still correct, only older).
   :func:`wait_for_commit` blocks until this worker's reports are committed.
+* In process (``num_workers: 0``). The train function runs in the calling process as rank 0 of 1:
+  no controller, no worker actors, no failure recovery, none of their start-up (about 15 s a run on
+  two CPU cores), which is what many short single-worker runs (the evaluation's and the sweeps'
+  downstream models, each inside its own Tune trial) want. Ray Train's own local mode
+  (``ScalingConfig(num_workers=0)``) does not serve here: it keeps no checkpoints, and inside a
+  Tune trial Train V2 refuses its ``ray.train`` calls. So the worker-side functions below answer
+  from this module's in-process session instead, and :func:`report` writes checkpoints to the same
+  ``<storage_path>/<name>/`` with a manifest (``in_process_checkpoints.json``) that
+  :func:`restore` and :func:`latest_checkpoint_path` read: a run resumes and is recognised as
+  finished the same way in either mode. A run trained by workers may continue in process; the other
+  way round is refused (Ray's workers only resume from Ray's own snapshot).
 * Driver death, or a finished run continued. Every registered checkpoint is recorded in
   ``<storage_path>/<name>/checkpoint_manager_snapshot.json``. A new ``fit`` with the same ``name`` and
   ``run_dir`` (hence the same storage path) loads that snapshot when its controller starts, so the
@@ -88,7 +99,8 @@ class RayTrainConfig:
     """How a model trains on Ray: workers, devices, precision, failures and checkpoints.
 
     Args:
-        num_workers: Ray Train workers (DDP ranks).
+        num_workers: Ray Train workers (DDP ranks); 0 trains in the calling process (no worker
+            actors, no failure recovery; checkpoints on a local path; see the module docstring).
         use_gpu: one or more GPUs per worker (``gpus_per_worker``).
         cpus_per_worker: CPUs reserved per worker (fractional allowed).
         gpus_per_worker: GPUs reserved per worker; only used when ``use_gpu``.
@@ -129,8 +141,8 @@ class RayTrainConfig:
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise ValueError(f"num_workers must be an int >= 1, got {self.num_workers!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0 (0: in the calling process), got {self.num_workers!r}")
         if not (isinstance(self.cpus_per_worker, (int, float)) and math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
         if self.use_gpu and not (isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker > 0):
@@ -188,21 +200,43 @@ def storage_path_for(run_dir: str, cfg: RayTrainConfig) -> str:
     return path if _is_uri(path) else os.path.abspath(path)
 
 
+IN_PROCESS_MANIFEST = "in_process_checkpoints.json"  # checkpoints of num_workers=0 runs, oldest first
+
+
+def _in_process_checkpoints(experiment: str) -> list[str]:
+    """Checkpoint folders the in-process runs of ``experiment`` registered, oldest first."""
+    import json
+
+    try:
+        with open(os.path.join(experiment, IN_PROCESS_MANIFEST)) as f:
+            names = json.load(f)["checkpoints"]
+    except FileNotFoundError:
+        return []
+    return [os.path.join(experiment, n) for n in names]
+
+
 def latest_checkpoint_path(run_dir: str, name: str, cfg: RayTrainConfig | None = None) -> str | None:
     """The checkpoint a new ``fit(name=name, run_dir=run_dir)`` would resume from, or None.
 
-    Read through Ray's public ``Result.from_path`` from the run snapshot Train V2 restores from.
+    Read through Ray's public ``Result.from_path`` from the run snapshot Train V2 restores from, and
+    from the manifest of in-process (``num_workers: 0``) runs; the newer of the two when both exist.
     """
     from ray.train import Result
 
     experiment = storage_path_for(run_dir, cfg or RayTrainConfig()).rstrip("/") + "/" + name
-    if not _is_uri(experiment) and not os.path.exists(os.path.join(experiment, "checkpoint_manager_snapshot.json")):
-        return None
-    try:
-        checkpoint = Result.from_path(experiment).checkpoint
-    except RuntimeError:  # no experiment folder / no snapshot yet
-        return None
-    return checkpoint.path if checkpoint is not None else None
+    found = []
+    if _is_uri(experiment) or os.path.exists(os.path.join(experiment, "checkpoint_manager_snapshot.json")):
+        try:
+            checkpoint = Result.from_path(experiment).checkpoint
+        except RuntimeError:  # no experiment folder / no snapshot yet
+            checkpoint = None
+        if checkpoint is not None:
+            found.append(checkpoint.path)
+    if not _is_uri(experiment):
+        found += _in_process_checkpoints(experiment)[-1:]
+    if len(found) > 1:  # both modes trained this run: the one written last
+        found.sort(key=lambda path: os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    return found[-1] if found else None
 
 
 LOCAL_NODE_IP = "127.0.0.2"  # loopback: 127.0.0.1 is silently replaced by the machine's address
@@ -331,20 +365,31 @@ def fit(
     if HARNESS_KEY in train_loop_config:
         raise ValueError(f"train_loop_config key {HARNESS_KEY!r} is reserved for the harness")
     connect(cfg.address)
-    if cfg.check_resources:
+    if cfg.check_resources and cfg.num_workers:
         check_cluster_resources(cfg)
     run_dir = run_dir if _is_uri(run_dir) else os.path.abspath(run_dir)
     storage_path = storage_path_for(run_dir, cfg)
+    if not cfg.num_workers and _is_uri(storage_path):
+        raise ValueError(f"run {name!r}: num_workers 0 (in process) keeps its checkpoints on a local path, but the "
+                         f"storage path is {storage_path}; use num_workers >= 1 or a local storage_path")
     resume = latest_checkpoint_path(run_dir, name, cfg)
+    if resume and cfg.num_workers and resume in _in_process_checkpoints(os.path.dirname(resume)):
+        raise ValueError(f"run {name!r} was last trained in process (num_workers 0; latest checkpoint {resume}) and "
+                         "Ray Train workers cannot resume from it: continue it with num_workers 0, or use another "
+                         "run name or run_dir")
     if resume and not cfg.allow_config_change:
         check_resumable(resume, train_loop_config, name, ignore_changes)
     logger.info(
-        "training %s on %d %s worker(s) (storage %s): %s",
-        name, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU", storage_path,
-        f"resuming from {resume}" if resume else "starting from scratch",
+        "training %s %s (storage %s): %s",
+        name, f"on {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s)" if cfg.num_workers else "in this process",
+        storage_path, f"resuming from {resume}" if resume else "starting from scratch",
     )
     config = dict(train_loop_config)
     config[HARNESS_KEY] = {"name": name, "run_dir": run_dir, "train": dataclasses.asdict(cfg)}
+    if not cfg.num_workers:
+        if datasets:
+            raise ValueError(f"run {name!r}: num_workers 0 (in process) takes no Ray Datasets; use num_workers >= 1")
+        return _fit_in_process(train_fn, config, os.path.join(storage_path, name), resume, cfg)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
@@ -363,6 +408,46 @@ def fit(
     return trainer.fit()
 
 
+@dataclass
+class _InProcessRun:
+    """The session of a ``num_workers: 0`` run: what the worker-side functions answer from."""
+
+    experiment: str  # <storage_path>/<name>
+    resume: str | None
+    keep: int
+    device: torch.device
+    metrics: dict[str, Any] | None = None  # of the last checkpointed report, as Ray's Result keeps
+    checkpoint: str | None = None
+
+
+_in_process_run: _InProcessRun | None = None  # set while fit() runs a num_workers=0 run in this process
+
+
+def _fit_in_process(train_fn: Callable[[dict], Any], config: dict[str, Any], experiment: str, resume: str | None,
+                    cfg: RayTrainConfig):
+    """Run ``train_fn(config)`` in this process as rank 0 of 1, torch on ``cfg.cpus_per_worker``
+    threads as a worker's; a ``ray.train.Result`` as :func:`fit` returns it."""
+    import ray.train
+
+    global _in_process_run
+    if _in_process_run is not None:
+        raise RuntimeError(f"an in-process run ({_in_process_run.experiment}) is already training in this process")
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"run {os.path.basename(experiment)!r}: use_gpu is set but this process sees no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    run = _in_process_run = _InProcessRun(experiment, resume, cfg.keep_checkpoints, device)
+    try:
+        value = train_fn(config)
+    finally:
+        _in_process_run = None
+        torch.set_num_threads(threads)
+    checkpoint = run.checkpoint or resume
+    return ray.train.Result(metrics=run.metrics, checkpoint=ray.train.Checkpoint(checkpoint) if checkpoint else None,
+                            error=None, path=experiment, return_value=value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Worker side (inside a train function)
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +464,8 @@ def run_context(config: Mapping[str, Any]) -> RunContext:
 
 def worker_context() -> tuple[int, int, torch.device]:
     """(world rank, world size, device) of this worker."""
+    if _in_process_run is not None:
+        return 0, 1, _in_process_run.device
     import ray.train
     import ray.train.torch
 
@@ -388,6 +475,8 @@ def worker_context() -> tuple[int, int, torch.device]:
 
 def prepare(model: nn.Module) -> nn.Module:
     """Move ``model`` to this worker's device and wrap it in DDP when there is more than one worker."""
+    if _in_process_run is not None:
+        return model.to(_in_process_run.device)
     import ray.train.torch
 
     return ray.train.torch.prepare_model(model)
@@ -417,7 +506,10 @@ def restore(
     """
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    if _in_process_run is not None:
+        checkpoint = ray.train.Checkpoint(_in_process_run.resume) if _in_process_run.resume else None
+    else:
+        checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
@@ -472,6 +564,15 @@ def report(
     rank = worker_context()[0]
     if rank == 0:
         _progress_logger().info(_format_progress(metrics, checkpoint))
+    if _in_process_run is not None:
+        if checkpoint:
+            saved_state = {**state, "metrics": state.get("metrics", metrics)}
+            step = saved_state.get("step")
+            name = f"checkpoint_step{step:08d}_{uuid.uuid4().hex[:6]}" if isinstance(step, int) else f"checkpoint_{uuid.uuid4().hex[:12]}"
+            _in_process_run.checkpoint = _save_in_process(_in_process_run, name, models=models, optimizers=optimizers,
+                                                          schedulers=schedulers, state=saved_state, config=config)
+            _in_process_run.metrics = metrics
+        return
     if not checkpoint:
         ray.train.report(metrics)
         return
@@ -490,8 +591,34 @@ def report(
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_dir_name=dir_name)
 
 
+def _save_in_process(run: _InProcessRun, dir_name: str, **contents: Any) -> str:
+    """Write a checkpoint of an in-process run into its experiment folder and register it in the
+    manifest (the folder complete first, the manifest replaced atomically, then the oldest beyond
+    ``keep`` removed), so a crash leaves either the old or the new latest checkpoint."""
+    import json
+    import shutil
+
+    os.makedirs(run.experiment, exist_ok=True)
+    path = os.path.join(run.experiment, dir_name)
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_checkpoint(partial, **contents)
+    os.replace(partial, path)
+    names = [os.path.basename(p) for p in _in_process_checkpoints(run.experiment) if os.path.basename(p) != dir_name]
+    names.append(dir_name)
+    manifest = os.path.join(run.experiment, IN_PROCESS_MANIFEST)
+    with open(manifest + ".partial", "w") as f:
+        json.dump({"checkpoints": names[-run.keep:]}, f)
+    os.replace(manifest + ".partial", manifest)
+    for old in names[:-run.keep]:
+        shutil.rmtree(os.path.join(run.experiment, old), ignore_errors=True)
+    return path
+
+
 def wait_for_commit(timeout_s: float | None = 60.0) -> None:
     """Block until every report this worker made is committed by the controller (checkpoint registered)."""
+    if _in_process_run is not None:
+        return  # in process, a report is stored when report() returns
     import ray.train
 
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s)
