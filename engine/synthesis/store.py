@@ -236,6 +236,8 @@ def _all_fill(chunk, fill) -> bool:
     if (isinstance(data, np.ndarray) and data.dtype.kind in "biuf" and data.dtype.itemsize in (1, 2, 4, 8)
             and np.asarray(fill).dtype.kind in "biuf" and fill == 0 and not np.signbit(fill)):
         return not np.ascontiguousarray(data).view(f"u{data.dtype.itemsize}").any()
+    if isinstance(data, np.ndarray) and data.dtype == object and isinstance(fill, str):  # text: no broadcast copy
+        return all(isinstance(v, str) and v == fill for v in data.flat)
     return chunk.all_equal(fill)
 
 
@@ -261,11 +263,23 @@ def _encode_chunk(pipeline, chunk, spec):
     return data
 
 
+_INDEX_PIPELINES: dict[int, Any] = {}
+
+
+def _index_pipeline(codec):
+    """The sharding codec's index pipeline, built once per codec (zarr builds it per shard)."""
+    from zarr.core.codec_pipeline import BatchedCodecPipeline
+
+    key = id(codec)
+    if key not in _INDEX_PIPELINES:
+        _INDEX_PIPELINES[key] = (codec, BatchedCodecPipeline.from_codecs(codec.index_codecs))  # codec kept alive
+    return _INDEX_PIPELINES[key][1]
+
+
 def _encode_shard(codec, shard, shard_spec):
     """zarr's ``ShardingCodec._encode_single`` (inner chunks in morton order, then the index),
     synchronously; None where every inner chunk is empty."""
     from zarr.codecs.sharding import ShardingCodecIndexLocation, _ShardIndex
-    from zarr.core.codec_pipeline import BatchedCodecPipeline
     from zarr.core.indexing import morton_order_iter
 
     chunk_spec = codec._get_chunk_spec(shard_spec)
@@ -283,7 +297,7 @@ def _encode_shard(codec, shard, shard_spec):
         offset += len(data)
     if not buffers:
         return None
-    index_pipeline = BatchedCodecPipeline.from_codecs(codec.index_codecs)
+    index_pipeline = _index_pipeline(codec)
     index_spec = codec._get_index_chunk_spec(per_shard)
 
     def index_bytes():
@@ -309,12 +323,15 @@ def _zarr_loop():
     return _get_loop()
 
 
-async def _put(items) -> None:
+async def _put(items, then=None) -> None:
     """Each ``(store_path, buffer)`` in one put (concurrently); a None buffer deletes the object, as
-    zarr does for a unit that holds only the fill value."""
+    zarr does for a unit that holds only the fill value. ``then``, one more such item, is put only
+    once all of ``items`` are stored (a shard's completion marker)."""
     import asyncio
 
     await asyncio.gather(*(path.set(data) if data is not None else path.delete() for path, data in items))
+    if then is not None:
+        await _put([then])
 
 
 def _open_arrays(group, names: tuple[str, ...]) -> dict[str, Any]:
@@ -389,22 +406,31 @@ class ShardWriter:
             if value.shape[:1] != (count,):
                 raise ValueError(f"shard {shard}: {name!r} has {value.shape[:1]} rows, the shard holds {count}")
             values[name] = np.asarray([str(v) for v in value], dtype=object) if name in TEXT_ARRAYS else value
-        # Each object's put starts as soon as it is encoded (on zarr's IO loop), so the IO of the
-        # first arrays overlaps the encoding of the next ones; arrays with codecs the encoder does
-        # not run go through plain zarr (still one put per shard object).
+        # Every object encoded here first, then all of them put concurrently in one submission to
+        # zarr's IO loop (waking that loop costs more than a small local write, once per object);
+        # arrays with codecs the encoder does not run go through plain zarr (still one put per
+        # shard object). Encoding is a small part of a put to object storage at "fast" compression.
         loop = _zarr_loop()
         pending = [asyncio.run_coroutine_threadsafe(self.arrays[name].async_array.setitem(slice(start, stop), value),
                                                     loop)
                    for name, value in values.items() if name not in self.encoders]
+        marked = False
         try:
-            for name, encoder in self.encoders.items():
-                item = (self.arrays[name].store_path / encoder.key(shard), encoder.encode(values[name]))
-                pending.append(asyncio.run_coroutine_threadsafe(_put([item]), loop))
+            items = [(self.arrays[name].store_path / encoder.key(shard), encoder.encode(values[name]))
+                     for name, encoder in self.encoders.items()]
+            marker = None
+            if not pending and self.marker_encoder is not None:  # the common case: the marker in the same submission
+                marker = (self.marker.store_path / self.marker_encoder.key(shard),
+                          self.marker_encoder.encode(np.ones(1, np.uint8)))
+            pending.append(asyncio.run_coroutine_threadsafe(_put(items, then=marker), loop))
+            marked = marker is not None
         finally:
             wait(pending)  # nothing of this shard is in flight once write returns or raises
         for future in pending:
             future.result()
         # last: a shard counts only once all of it is stored
+        if marked:
+            return count
         if self.marker_encoder is not None:
             sync(_put([(self.marker.store_path / self.marker_encoder.key(shard),
                         self.marker_encoder.encode(np.ones(1, np.uint8)))]))
