@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from engine.anatomy.masks import ScarSamplerConfig
 from engine.demo import DemoConfig
 from engine.evaluation.gates import EvaluationConfig
+from engine.evaluation.loop import LoopConfig
 from engine.evaluation.sweep import SweepConfig
 from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
@@ -45,6 +46,7 @@ class EngineConfig:
         synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
         evaluation: the three gates (methods compared, seeds, synthetic samples per method).
         sweep: the Ray Tune sweep of synthetic sample counts x filter thresholds (``lgesynth sweep``).
+        loop: failure-targeted synthesis (``lgesynth loop``): rounds, samples per round, seeds, reweighting.
         demo: what ``lgesynth demo`` adds (phantom size and seed).
 
     Example:
@@ -67,10 +69,15 @@ class EngineConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:
-            raise ValueError("run_dir must be a non-empty path or URL")
+            raise ValueError("run_dir must be a non-empty path")
+        if "://" in str(self.run_dir):
+            raise ValueError(f"run_dir {self.run_dir!r}: the run folder must be a local or shared-filesystem path "
+                             "(on a cluster, a volume every node mounts); object storage URLs go to "
+                             "synthesis.store and <stage>.ray.storage_path")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")

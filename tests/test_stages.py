@@ -166,3 +166,27 @@ def test_downstream_takes_any_store_with_image_label_passed_and_counts_what_it_n
                                           "downstream.name=downstream-too-many"])
     with pytest.raises(ValueError, match="asked for 5 synthetic samples but only 4 synthetic samples that passed"):
         train_downstream(too_many)  # only the 4 passed samples are available; refused before Ray starts
+
+
+def test_failure_targeted_loop_steers_the_sampler_and_compares_at_equal_count(trained_run):
+    """`lgesynth loop` on the tiny run: two rounds (uniform, then targeted), one seed, 2 samples each."""
+    from engine.evaluation.loop import SEGMENTS, run_loop
+    from engine.synthesis.store import open_store, store_attrs
+
+    cfg, base, _ = trained_run
+    result = run_loop(stage_config(cfg.run_dir, ["loop.rounds=2", "loop.seeds=[0]", "loop.n_synthetic=2"]),
+                      sequential=True, log=lambda _: None)
+    first, second = result["rounds"]
+    assert first["weights"]["segment"] == {} and second["store"] != first["store"]  # round 0: the configured sampler
+    steered = second["weights"]["segment"]
+    assert sorted(steered) == sorted(SEGMENTS) and np.isclose(np.mean(list(steered.values())), 1.0)
+    sampler = store_attrs(open_store(second["store"]))["content"]["scar_sampler"]
+    assert sampler["segment_weights"] == steered  # round 1 drew its scars with the new weights
+    assert "segment_weights" not in store_attrs(open_store(first["store"]))["content"]["scar_sampler"]
+    for arm in ("real_only", "uniform", "targeted"):
+        assert len(result["test"][arm]["runs"]) == 1
+    assert result["test"]["uniform"]["runs"][0]["run"] == first["val"]["runs"][0]["run"]  # scored, not retrained
+    assert result["test"]["targeted"]["runs"][0]["n_used"] == 2
+    text = Path(result["outputs"]["markdown"]).read_text()
+    assert "| round |" in text and "Verdict:" in text
+    assert Path(result["outputs"]["weights"]).stat().st_size > 5_000

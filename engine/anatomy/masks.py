@@ -120,6 +120,13 @@ class ScarSamplerConfig:
         subepicardial_segments: segments for subepicardial scar (default: lateral and
             inferolateral, as in myocarditis).
         max_tries: draws before giving up on a slice whose wall cannot hold the scar.
+        segment_weights: relative weights of the AHA segments ("1".."16") a scar is centred in,
+            among those its pattern and territory allow (a missing segment weighs 1); empty: all
+            allowed segments equally likely. ``lgesynth loop`` sets them toward the segments the
+            downstream model misses.
+        transmurality_weights: relative weights of the transmurality classes ("1-25%", "26-50%",
+            "51-75%", "76-100%") within each pattern's range (a missing class weighs 1); empty: the
+            fraction uniform over the range.
 
     Example:
         >>> cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0, "midwall": 0.0, "subepicardial": 0.0})
@@ -133,6 +140,8 @@ class ScarSamplerConfig:
     midwall_segments: tuple[int, ...] = (2, 3, 8, 9, 14)
     subepicardial_segments: tuple[int, ...] = (5, 6, 11, 12, 16)
     max_tries: int = 20
+    segment_weights: dict[str, float] = field(default_factory=dict)
+    transmurality_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_weights("pattern_weights", self.pattern_weights, PATTERNS)
@@ -150,6 +159,25 @@ class ScarSamplerConfig:
                 raise ValueError(f"{name} must list AHA segments 1-16, got {getattr(self, name)}")
         if self.max_tries < 1:
             raise ValueError(f"max_tries must be >= 1, got {self.max_tries}")
+        if self.segment_weights:
+            _check_weights("segment_weights", self.segment_weights, tuple(str(s) for s in range(1, 17)))
+        if self.transmurality_weights:
+            _check_weights("transmurality_weights", self.transmurality_weights, tuple(TRANSMURALITY_BINS))
+
+
+# The transmurality classes a scar is drawn in (DOMAIN.md section 2's scale without 0%): (lo, hi].
+TRANSMURALITY_BINS = {"1-25%": (0.0, 0.25), "26-50%": (0.25, 0.5), "51-75%": (0.5, 0.75), "76-100%": (0.75, 1.0)}
+
+
+def _draw_transmurality(rng: np.random.Generator, lo: float, hi: float, weights: dict[str, float]) -> float:
+    """A transmural fraction in [lo, hi]: uniform without ``weights``, else a class drawn by its
+    weight (of those overlapping the range) and uniform in that class's part of the range."""
+    if not weights:
+        return float(rng.uniform(lo, hi))
+    parts = {name: (max(lo, a), min(hi, b)) for name, (a, b) in TRANSMURALITY_BINS.items()
+             if min(hi, b) > max(lo, a) or (lo == hi and a < lo <= b)}
+    chosen = _choose(rng, {name: weights.get(name, 1.0) for name in parts}) if len(parts) > 1 else next(iter(parts))
+    return float(rng.uniform(*parts[chosen]))
 
 
 def _check_weights(name: str, weights: dict[str, float], allowed: tuple[str, ...]) -> None:
@@ -200,7 +228,12 @@ def draw_scar_spec(level: str, rng: np.random.Generator, cfg: ScarSamplerConfig,
         candidates = sorted(at_level & set(allowed)) or sorted(at_level)
         layer = "mid-wall" if pattern == "midwall" else "subepicardial"
         lo, hi = cfg.nonischemic_transmurality
-    segment = int(candidates[int(rng.integers(len(candidates)))])
+    if cfg.segment_weights:
+        weights = np.array([cfg.segment_weights.get(str(c), 1.0) for c in candidates], dtype=np.float64)
+        segment = int(candidates[int(rng.choice(len(candidates), p=weights / weights.sum()))]) if weights.sum() > 0 \
+            else int(candidates[int(rng.integers(len(candidates)))])
+    else:
+        segment = int(candidates[int(rng.integers(len(candidates)))])
     # The scar stays inside the contiguous arc of allowed segments around the drawn one (a
     # territory's arc for ischemic scar), so its caption names the region it was drawn for.
     arc_start, arc_span = _contiguous_arc(segment, candidates, level, reference_angle)
@@ -210,7 +243,7 @@ def draw_scar_spec(level: str, rng: np.random.Generator, cfg: ScarSamplerConfig,
         centre_angle=float(centre),
         angular_width=width,
         layer=layer,
-        transmurality=float(rng.uniform(lo, hi)),
+        transmurality=_draw_transmurality(rng, lo, hi, cfg.transmurality_weights),
         pattern=pattern,
         territory=territory,
         segment=segment,

@@ -30,6 +30,7 @@ run saved on two CPU cores, which is what the demo uses), and the trial reserves
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -188,30 +189,35 @@ def store_selection(cfg, grid: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
         ValueError: a store is missing or incomplete, or a threshold it cannot serve (below its
             own, without ``keep_rejected``) is asked for; before any trial starts.
     """
-    from engine.synthesis.store import open_store, select_samples, store_attrs, store_exists
-
-    options = cfg.synthesis.storage_options
     out: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(s["method"] for s in grid if s["n"]):
-        url = method_store(cfg, method)
-        if not store_exists(url, options):
-            raise ValueError(f"{url}: no store of method {method!r}; make it first (`lgesynth synthesize` for the "
-                             "run's own method, `lgesynth evaluate` for the others)")
-        group = open_store(url, "r", options)
-        attrs = store_attrs(group)
-        if not attrs.get("complete"):
-            raise ValueError(f"{url}: the store of method {method!r} is incomplete; re-run the command that makes it")
-        # stores of the generator written before methods existed record none
-        made_by = attrs.get("content", {}).get("synthesis", {}).get("method", "lgesynthnet")
-        if made_by != method:
-            raise ValueError(f"{url}: the store was made by method {made_by!r}, the sweep asks for {method!r} "
-                             "(synthesis.method names the run's own store's method)")
-        thresholds = dict.fromkeys(s["threshold"] for s in grid if s["method"] == method and s["n"])
-        out[method] = {"url": url, "fingerprint": attrs.get("fingerprint"),
-                       "threshold": attrs.get("config", {}).get("threshold"),
-                       "keep_rejected": bool(attrs.get("config", {}).get("keep_rejected", False)),
-                       "available": {_threshold_key(t): int(len(select_samples(group, t, url))) for t in thresholds}}
+        thresholds = list(dict.fromkeys(s["threshold"] for s in grid if s["method"] == method and s["n"]))
+        out[method] = store_entry(method_store(cfg, method), method, thresholds, cfg.synthesis.storage_options)
     return out
+
+
+def store_entry(url: str, method: str, thresholds: Sequence[float],
+                storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A complete store of ``method`` as trials read it: URL, fingerprint, its own threshold and
+    ``keep_rejected``, and how many samples each of ``thresholds`` selects."""
+    from engine.synthesis.store import open_store, select_samples, store_attrs, store_exists
+
+    if not store_exists(url, storage_options):
+        raise ValueError(f"{url}: no store of method {method!r}; make it first (`lgesynth synthesize` for the "
+                         "run's own method, `lgesynth evaluate` for the others)")
+    group = open_store(url, "r", storage_options)
+    attrs = store_attrs(group)
+    if not attrs.get("complete"):
+        raise ValueError(f"{url}: the store of method {method!r} is incomplete; re-run the command that makes it")
+    # stores of the generator written before methods existed record none
+    made_by = attrs.get("content", {}).get("synthesis", {}).get("method", "lgesynthnet")
+    if made_by != method:
+        raise ValueError(f"{url}: the store was made by method {made_by!r}, the sweep asks for {method!r} "
+                         "(synthesis.method names the run's own store's method)")
+    return {"url": url, "fingerprint": attrs.get("fingerprint"),
+            "threshold": attrs.get("config", {}).get("threshold"),
+            "keep_rejected": bool(attrs.get("config", {}).get("keep_rejected", False)),
+            "available": {_threshold_key(t): int(len(select_samples(group, t, url))) for t in thresholds}}
 
 
 def absolute_paths(cfg):
@@ -577,8 +583,26 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
             run_config=tune.RunConfig(name=out_dir.name, storage_path=str(out_dir.parent), callbacks=list(callbacks),
                                       verbose=1),
         )
-    trials, errors = _collect(tuner.fit())
+    with _credentials_hidden():
+        trials, errors = _collect(tuner.fit())
     return expand_trials(trials, grid, stores), expand_trials(errors, grid, stores)
+
+
+# What Ray Tune copies from the driver's environment into every trial actor's runtime_env
+# (ray/tune/execution/class_cache.py), where Ray's runtime-env agent logs it in plain text.
+TUNE_FORWARDED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_hidden():
+    """The driver's object-storage credentials out of ``os.environ`` while Tune starts its trials,
+    so that none reaches a trial's runtime_env and Ray's logs; the trials take theirs from the
+    nodes' environment or the cloud's provider chain, as every Ray worker does."""
+    saved = {name: os.environ.pop(name) for name in TUNE_FORWARDED_CREDENTIALS if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _used(setting: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]]) -> int:

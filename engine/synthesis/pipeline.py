@@ -157,7 +157,10 @@ class SynthesisJob:
         content = {
             "plan": self.plan.fingerprint(), "rows": self.layout.rows, "crop_size": self.layout.height,
             "synthesis": {k: getattr(syn, k) for k in CONTENT_KEYS},
-            "scar_sampler": to_dict(cfg.scar_sampler), "data": to_dict(self.data_cfg),
+            # sampler weights only when set: stores written before they existed keep their fingerprint
+            "scar_sampler": {k: v for k, v in to_dict(cfg.scar_sampler).items()
+                             if k not in ("segment_weights", "transmurality_weights") or v},
+            "data": to_dict(self.data_cfg),
             "reference_angle": cfg.cohort.reference_angle, "checkpoints": self.checkpoints,
         }
         if syn.method != "lgesynthnet":  # stores written before methods existed hold the generator's
@@ -193,6 +196,8 @@ class SynthesisJob:
         from engine.config import to_dict
 
         syn = self.syn
+        pool = {"batch_size": syn.batch_size, "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
+                "torch_threads": syn.diffusion.torch_threads}
         if syn.method == "paste":
             diffusion: dict[str, Any] = {"paste": to_dict(syn.paste)}
         elif syn.method in SPADE_METHODS:
