@@ -93,7 +93,7 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("reward", "vae", "generator", "downstream", "spade-fc", "spade-lc")
+STAGES = ("reward", "vae", "generator", "downstream", "spade-fc", "spade-lc", "controlnet")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,6 +116,8 @@ def _train(args: argparse.Namespace) -> int:
         from engine.training.spade import train_spade
 
         train = functools.partial(train_spade, context=CONTEXTS[args.stage])
+    elif args.stage == "controlnet":
+        from engine.training.controlnet_baseline import train_controlnet_baseline as train
     else:
         from engine.training.downstream import train_downstream as train
     metrics = train(cfg)

@@ -17,6 +17,7 @@ from engine.io.cohort import CohortConfig
 from engine.io.splits import SplitConfig
 from engine.phantom.config import PhantomConfig
 from engine.synthesis.config import SynthesisConfig
+from engine.training.controlnet_baseline import ControlNetBaselineStageConfig
 from engine.training.data import SliceDataConfig
 from engine.training.downstream import DownstreamStageConfig
 from engine.training.generator import GeneratorStageConfig
@@ -43,6 +44,9 @@ class EngineConfig:
         downstream: the downstream segmenter stage (real only, or real + synthetic).
         spade: the paper's SPADE baselines (one config; ``lgesynth train spade-fc`` / ``spade-lc``
             train the full- and limited-context variants).
+        controlnet_baseline: the paper's ControlNet baselines (``lgesynth train controlnet``: one model
+            for the ``controlnet`` and ``controlnet-template`` synthesis methods; UNet layout, loop,
+            Ray resources, ``template_strength``; text encoder and sampler are ``generator.model``'s).
         synthesis: streaming synthesis into the Zarr store (Ray Data actor pools, store URL).
         evaluation: the three gates (methods compared, seeds, synthetic samples per method).
         sweep: the Ray Tune sweep of synthetic sample counts x filter thresholds (``lgesynth sweep``).
@@ -66,6 +70,7 @@ class EngineConfig:
     generator: GeneratorStageConfig = field(default_factory=GeneratorStageConfig)
     downstream: DownstreamStageConfig = field(default_factory=DownstreamStageConfig)
     spade: SpadeStageConfig = field(default_factory=SpadeStageConfig)
+    controlnet_baseline: ControlNetBaselineStageConfig = field(default_factory=ControlNetBaselineStageConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

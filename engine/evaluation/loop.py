@@ -173,10 +173,10 @@ def round_config(cfg, out_dir: Path, r: int, weights: Mapping[str, Any]):
     return dataclasses.replace(cfg, scar_sampler=sampler, synthesis=syn)
 
 
-def _trained(cfg, parts, store: Mapping[str, Any], n: int, with_real: bool, out_dir: Path, score_on: str,
+def _trained(cfg, parts, store: Mapping[str, Any], n: int, with_real: bool, out_dir: Path,
              log) -> list[dict[str, Any]]:
     """The downstream runs of real + ``n`` samples of ``store`` (and real only) for every loop seed,
-    as Tune trials: trained unless finished earlier, scored on ``score_on``."""
+    as Tune trials: trained unless finished earlier, scored on the validation patients."""
     import shutil
 
     from engine.evaluation.sweep import REAL, run_trials
@@ -187,11 +187,22 @@ def _trained(cfg, parts, store: Mapping[str, Any], n: int, with_real: bool, out_
         grid.insert(0, {"method": REAL, "threshold": None, "n": 0})
     shutil.rmtree(out_dir, ignore_errors=True)  # Tune's bookkeeping only: the models are runs of their own
     trials, errors = run_trials(cfg, parts, {method: store}, grid, list(cfg.loop.seeds), out_dir,
-                                call=uuid.uuid4().hex, score_on=score_on, log=log)
+                                call=uuid.uuid4().hex, score_on="val", log=log)
     if errors:
         raise RuntimeError("loop: downstream run(s) failed: " + "; ".join(
             f"{e['method']} seed {e['seed']}: {e['error']} ({e['path']})" for e in errors))
     return trials
+
+
+def _scored_on_test(cfg, parts, trial: Mapping[str, Any]) -> dict[str, Any]:
+    """A round's finished downstream model on the test patients, its detection threshold calibrated
+    on the validation patients (:func:`engine.evaluation.gates.score_downstream`)."""
+    from engine.evaluation.gates import score_downstream
+
+    score = score_downstream(Path(cfg.run_dir) / trial["run"], parts["test"], parts["val"],
+                             cfg.evaluation.collapse_min_positive)
+    return {**{k: trial[k] for k in ("seed", "run", "n_used")}, "balanced_accuracy": float(score["balanced_accuracy"]),
+            "dice": float(score["dice"]), "collapsed": bool(score["collapsed"])}
 
 
 def _load_models(run_dir: str, names: Sequence[str]) -> list[Any]:
@@ -240,15 +251,17 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     weights: dict[str, Any] = {"segment": {}, "transmurality": {}, "territory": {}}
     history: list[dict[str, Any]] = []
-    stores: list[dict[str, Any]] = []
+    round_runs: list[list[dict[str, Any]]] = []
+    real_runs: list[dict[str, Any]] = []
     for r in range(lp.rounds):
         rcfg = round_config(cfg, out_dir, r, weights)
         log(f"loop: round {r}: synthesizing into {rcfg.synthesis.store}" + (" (uniform)" if r == 0 else ""))
         made = synthesize(rcfg, sequential=sequential, parts=all_parts, log=log)
         store = store_entry(rcfg.synthesis.store, lp.method, [rcfg.synthesis.threshold])
-        stores.append(store)
-        trials = _trained(rcfg, parts, store, n, r == 0, out_dir / "tune" / f"round-{r}", "val", log)
+        trials = _trained(rcfg, parts, store, n, r == 0, out_dir / "tune" / f"round-{r}", log)
         mine = [t for t in trials if t["method"] != REAL]
+        round_runs.append(mine)
+        real_runs += [t for t in trials if t["method"] == REAL]
         counts = miss_counts(_load_models(cfg.run_dir, [t["run"] for t in mine]), parts["val"],
                              cfg.cohort.reference_angle)
         entry = {"round": r, "weights": json.loads(json.dumps(weights)), "store": store["url"],
@@ -264,14 +277,9 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
                    "transmurality": reweight(weights["transmurality"], counts["transmurality"], CLASSES,
                                              lp.strength, lp.floor),
                    "territory": territory_weights(cfg.scar_sampler.territory_weights, segment)}
-    # the comparison at equal sample count, on the test patients (calibrated on validation)
-    test: dict[str, Any] = {}
-    for arm, r in (("uniform", 0), ("targeted", lp.rounds - 1)):
-        trials = _trained(round_config(cfg, out_dir, r, history[r]["weights"]), all_parts, stores[r], n, arm == "uniform",
-                          out_dir / "tune" / f"test-{arm}", "test", log)
-        test[arm] = _summary([t for t in trials if t["method"] != REAL])
-        if arm == "uniform":
-            test["real_only"] = _summary([t for t in trials if t["method"] == REAL])
+    # the comparison at equal sample count: the rounds' finished models scored on the test patients
+    test = {arm: _summary([_scored_on_test(cfg, all_parts, run) for run in runs])
+            for arm, runs in (("real_only", real_runs), ("uniform", round_runs[0]), ("targeted", round_runs[-1]))}
     result = {"loop": dataclasses.asdict(lp), "n_synthetic": n, "rounds": history, "test": test,
               "final_weights": weights, "seconds": round(time.perf_counter() - started, 1)}
     result["outputs"] = write_outputs(result, out_dir)

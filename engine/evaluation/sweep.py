@@ -228,7 +228,7 @@ def absolute_paths(cfg):
         return path if not path or "://" in str(path) else os.path.abspath(path)
 
     syn, ds = cfg.synthesis, cfg.downstream
-    syn_paths = {name: local(getattr(syn, name)) for name in ("store", "generator", "reward", "spade") if hasattr(syn, name)}
+    syn_paths = {name: local(getattr(syn, name)) for name in ("store", "generator", "reward", "spade", "controlnet") if hasattr(syn, name)}
     return dataclasses.replace(
         cfg, run_dir=local(cfg.run_dir), cohort=dataclasses.replace(cfg.cohort, root=local(cfg.cohort.root)),
         synthesis=dataclasses.replace(syn, **syn_paths),

@@ -13,6 +13,9 @@ inpainting UNet (``engine.models.inpaint_unet``), the ControlNet (``engine.model
 frozen caption encoder (``engine.models.text_encoder``). The ControlNet always trains; the UNet trains
 only with ``train_base=True`` (e.g. a first stage that learns plain inpainting); the VAE, the text
 encoder and the reward model never do.
+What is not particular to inpainting (the frozen parts, the UNet + ControlNet pair, the noise
+schedule, the sampler and its loop with classifier-free guidance) is :class:`LatentDiffusion`, which
+the paper's ControlNet baselines (``engine.models.controlnet_baseline``) share.
 
 Batch contract (all torch, B samples, H x W pixels, H and W multiples of :attr:`LGESynthNet.size_multiple`):
 
@@ -56,11 +59,11 @@ from torch import nn
 from engine import config as config_io
 from engine.anatomy.captions import CONSTANT_CAPTION
 from engine.models.controlnet import ControlNetConfig, build_controlnet, conditioning_image, copy_unet_weights
-from engine.models.inpaint_unet import InpaintUNetConfig, build_inpaint_unet
+from engine.models.inpaint_unet import InpaintUNetConfig, build_unet
 from engine.models.text_encoder import TextEncoder, TextEncoderConfig
 from engine.models.vae import VAEConfig, build_vae, decode_latents, encode_latents
 
-__all__ = ["GeneratorConfig", "LGESynthNet", "inpaint_mask", "soft_dice_loss", "COMPONENTS"]
+__all__ = ["GeneratorConfig", "LatentDiffusion", "LGESynthNet", "inpaint_mask", "soft_dice_loss", "COMPONENTS"]
 
 COMPONENTS = ("unet", "controlnet", "vae")  # what a generator checkpoint holds; the text encoder is a path
 
@@ -201,20 +204,26 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-class LGESynthNet(nn.Module):
-    """The generator: frozen VAE and text encoder, inpainting UNet, ControlNet, noise schedule.
+class LatentDiffusion(nn.Module):
+    """What LGESynthNet and the paper's ControlNet baselines (:mod:`engine.models.controlnet_baseline`)
+    share: the frozen VAE and caption encoder, a diffusers UNet steered by a ControlNet on the VAE's
+    latents, the training noise schedule, the sampler and its loop (classifier-free guidance
+    included). Both read a :class:`GeneratorConfig`; a subclass decides what its UNet sees besides the
+    noisy latent (``unet_in_channels``) and what happens between sampler steps.
 
     Args:
-        cfg: the generator's config.
+        cfg: the model's config.
         vae: an already built (e.g. trained) VAE; default: ``build_vae(cfg.vae)``, to be filled by
             :meth:`load_state_dicts`.
+        unet_in_channels: the UNet's input channels; default ``cfg.unet.in_channels``, the inpainting
+            layout (noisy latent, mask, masked-image latent).
 
     Raises:
         ValueError: when the components do not fit together (caption width, latent channels, the
             ControlNet's conditioning embedding versus the VAE's downsampling).
     """
 
-    def __init__(self, cfg: GeneratorConfig, vae: nn.Module | None = None):
+    def __init__(self, cfg: GeneratorConfig, vae: nn.Module | None = None, unet_in_channels: int | None = None):
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -236,9 +245,8 @@ class LGESynthNet(nn.Module):
                 f"controlnet.conditioning_embedding_out_channels {cfg.controlnet.conditioning_embedding_out_channels} "
                 f"downsample by {cfg.controlnet.downsampling_factor}, the VAE by {self.vae_factor}: use "
                 f"{int(math.log2(self.vae_factor)) + 1} entries")
-        self.unet = build_inpaint_unet(cfg.unet)
+        self.unet = build_unet(cfg.unet, cfg.unet.in_channels if unet_in_channels is None else unet_in_channels)
         self.controlnet = build_controlnet(cfg.controlnet, cfg.unet, unet=self.unet)
-        self.unet.requires_grad_(cfg.train_base)
         self.noise_scheduler = DDPMScheduler(**self._schedule_kwargs())
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
 
@@ -252,30 +260,11 @@ class LGESynthNet(nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters an optimizer should own: the ControlNet's, plus the UNet's with ``train_base``."""
-        params = list(self.controlnet.parameters())
-        if self.cfg.train_base:
-            params += list(self.unet.parameters())
-        return params
-
-    def train(self, mode: bool = True) -> LGESynthNet:
+    def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
         self.vae.eval()  # frozen parts never switch to training behaviour
         self.text_encoder.eval()
-        if not self.cfg.train_base:
-            self.unet.eval()
         return self
-
-    def init_controlnet_from_unet(self) -> None:
-        """Restart the ControlNet's encoder from the current UNet's weights (e.g. after loading a
-        trained inpainting UNet); its zero convolutions are reset to zero, so it starts as a no-op."""
-        copy_unet_weights(self.controlnet, self.unet)
-        with torch.no_grad():
-            for module in [self.controlnet.controlnet_cond_embedding.conv_out, *self.controlnet.controlnet_down_blocks,
-                           self.controlnet.controlnet_mid_block]:
-                for p in module.parameters():
-                    p.zero_()
 
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """Weights by component name (``COMPONENTS``), ready for ``safetensors.torch.save_file`` each."""
@@ -311,21 +300,6 @@ class LGESynthNet(nn.Module):
                                            timestep_spacing="trailing")
 
     # --------------------------------------------------------------------------------- conditioning
-    def make_batch(self, image: torch.Tensor, scar: torch.Tensor, caption: list[str]) -> dict[str, Any]:
-        """The batch contract from images ``[B,1,H,W]`` in [-1, 1], intended scar masks ``[B,1,H,W]``
-        and captions: the inpainting mask is the scar dilated by ``mask_dilation`` pixels, the condition
-        the scar's edge map or filled mask (``controlnet.conditioning``), the captions as configured."""
-        scar = (scar > 0.5).float()
-        batch = {
-            "image": image,
-            "scar": scar,
-            "mask": inpaint_mask(scar, self.cfg.mask_dilation),
-            "condition": conditioning_image(scar, self.cfg.controlnet.conditioning, self.cfg.controlnet.edge_width),
-            "caption": self.captions(list(caption)),
-        }
-        self._check_batch(batch)
-        return batch
-
     def captions(self, captions: list[str]) -> list[str]:
         """The captions the model is conditioned on: as given, or constant with ``caption_mode="constant"``."""
         if self.cfg.caption_mode == "constant":
@@ -347,13 +321,8 @@ class LGESynthNet(nn.Module):
         if dropout > 0:
             drop = torch.rand(len(captions), generator=generator,
                               device=generator.device if generator is not None else "cpu") < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         return self.text_encoder.encode(captions).to(self.device)
-
-    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The inpainting mask at latent resolution: a latent pixel is inpainted when any of its
-        ``f x f`` image pixels is (max pooling; nearest-neighbour resizing could drop a thin scar)."""
-        return F.max_pool2d(mask.float(), kernel_size=self.vae_factor)
 
     def _check_batch(self, batch: Mapping[str, Any], keys=("image", "mask", "caption")) -> None:
         for key in keys:
@@ -370,7 +339,7 @@ class LGESynthNet(nn.Module):
             value = batch.get(key)
             if value is not None and tuple(value.shape) != tuple(image.shape):
                 raise ValueError(f"batch {key!r} must have the image's shape {tuple(image.shape)}, got {tuple(value.shape)}")
-        if not ((batch["mask"] == 0) | (batch["mask"] == 1)).all():
+        if batch.get("mask") is not None and not ((batch["mask"] == 0) | (batch["mask"] == 1)).all():
             raise ValueError("batch 'mask' must hold only 0 and 1")
         captions = batch["caption"]
         if isinstance(captions, str) or len(captions) != b:
@@ -389,6 +358,145 @@ class LGESynthNet(nn.Module):
         s, n = self._noise_level(t)
         return s * latents.float() + n * noise.float()
 
+    def _noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+                timesteps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training draw: timesteps ``t`` [B] (uniform, or ``timesteps`` checked), the noise, and
+        the noisy latents ``x_t``; drawn from ``generator`` in that order."""
+        device, b = self.device, latents.shape[0]
+        if timesteps is None:
+            gen_device = generator.device if generator is not None else device
+            t = torch.randint(0, self.cfg.num_train_timesteps, (b,), generator=generator, device=gen_device).to(device)
+        else:
+            t = torch.as_tensor(timesteps, device=device).long().reshape(-1)
+            if t.shape[0] != b or t.min() < 0 or t.max() >= self.cfg.num_train_timesteps:
+                raise ValueError(f"timesteps must be {b} integers in [0, {self.cfg.num_train_timesteps})")
+        noise = _randn(latents.shape, generator, device)
+        return t, noise, self.add_noise(latents, noise, t)
+
+    def _steered_noise(self, noisy: torch.Tensor, unet_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                       condition: torch.Tensor, conditioning_scale: float | None = None) -> torch.Tensor:
+        """The UNet's epsilon prediction on ``unet_in`` with the residuals of the ControlNet, which
+        sees the noisy latent ``noisy`` and the condition image."""
+        scale = self.cfg.controlnet.conditioning_scale if conditioning_scale is None else conditioning_scale
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
+                                    conditioning_scale=scale, return_dict=False)
+        return self.unet(unet_in, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_latents(self.vae, images).float()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents).float()
+
+    # ----------------------------------------------------------------------------------- sampling
+    def _sampler(self, num_inference_steps: int | None):
+        """A fresh sampler with its timesteps set (``num_inference_steps``, default the config's)."""
+        steps = self.cfg.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        if not 1 <= steps <= self.cfg.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in 1..{self.cfg.num_train_timesteps}, got {steps}")
+        scheduler = self.make_sampler()
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    @property
+    def _guided(self) -> bool:
+        return self.cfg.guidance_scale > 1.0
+
+    def _sampling_text(self, captions: list[str]) -> torch.Tensor:
+        """Caption states for sampling; under guidance the empty caption's states come first
+        (unconditional half, then conditional half of one batched call)."""
+        text = self.text_states(captions)
+        if self._guided:
+            text = torch.cat([self.text_encoder.encode([""] * len(captions)).to(self.device), text])
+        return text
+
+    def _both_halves(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-sample inputs repeated for the unconditional and conditional halves under guidance."""
+        return tuple(torch.cat([x, x]) for x in tensors) if self._guided else tensors
+
+    def _denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, predict,
+                 after_step=None) -> torch.Tensor:
+        """The sampler loop: at every timestep ``eps = predict(model_in, t [B'])`` (both halves under
+        guidance, combined with ``guidance_scale``), one scheduler step in float32, then
+        ``latents = after_step(i, latents)`` when given."""
+        for i, t in enumerate(timesteps):
+            model_in = scheduler.scale_model_input(latents, t)
+            model_in = torch.cat([model_in, model_in]) if self._guided else model_in
+            eps = predict(model_in, t.expand(model_in.shape[0])).float()
+            if self._guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents.float(), return_dict=False)[0].float()
+            if after_step is not None:
+                latents = after_step(i, latents)
+        return latents
+
+
+class LGESynthNet(LatentDiffusion):
+    """The generator: frozen VAE and text encoder, inpainting UNet, ControlNet, noise schedule.
+
+    Args:
+        cfg: the generator's config.
+        vae: an already built (e.g. trained) VAE; default: ``build_vae(cfg.vae)``, to be filled by
+            :meth:`load_state_dicts`.
+
+    Raises:
+        ValueError: when the components do not fit together (caption width, latent channels, the
+            ControlNet's conditioning embedding versus the VAE's downsampling).
+    """
+
+    def __init__(self, cfg: GeneratorConfig, vae: nn.Module | None = None):
+        super().__init__(cfg, vae)
+        self.unet.requires_grad_(cfg.train_base)
+
+    # ----------------------------------------------------------------------------------- structure
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should own: the ControlNet's, plus the UNet's with ``train_base``."""
+        params = list(self.controlnet.parameters())
+        if self.cfg.train_base:
+            params += list(self.unet.parameters())
+        return params
+
+    def train(self, mode: bool = True) -> LGESynthNet:
+        super().train(mode)
+        if not self.cfg.train_base:
+            self.unet.eval()
+        return self
+
+    def init_controlnet_from_unet(self) -> None:
+        """Restart the ControlNet's encoder from the current UNet's weights (e.g. after loading a
+        trained inpainting UNet); its zero convolutions are reset to zero, so it starts as a no-op."""
+        copy_unet_weights(self.controlnet, self.unet)
+        with torch.no_grad():
+            for module in [self.controlnet.controlnet_cond_embedding.conv_out, *self.controlnet.controlnet_down_blocks,
+                           self.controlnet.controlnet_mid_block]:
+                for p in module.parameters():
+                    p.zero_()
+
+    # --------------------------------------------------------------------------------- conditioning
+    def make_batch(self, image: torch.Tensor, scar: torch.Tensor, caption: list[str]) -> dict[str, Any]:
+        """The batch contract from images ``[B,1,H,W]`` in [-1, 1], intended scar masks ``[B,1,H,W]``
+        and captions: the inpainting mask is the scar dilated by ``mask_dilation`` pixels, the condition
+        the scar's edge map or filled mask (``controlnet.conditioning``), the captions as configured."""
+        scar = (scar > 0.5).float()
+        batch = {
+            "image": image,
+            "scar": scar,
+            "mask": inpaint_mask(scar, self.cfg.mask_dilation),
+            "condition": conditioning_image(scar, self.cfg.controlnet.conditioning, self.cfg.controlnet.edge_width),
+            "caption": self.captions(list(caption)),
+        }
+        self._check_batch(batch)
+        return batch
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The inpainting mask at latent resolution: a latent pixel is inpainted when any of its
+        ``f x f`` image pixels is (max pooling; nearest-neighbour resizing could drop a thin scar)."""
+        return F.max_pool2d(mask.float(), kernel_size=self.vae_factor)
+
+    # ------------------------------------------------------------------------------------ network
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, latent_mask: torch.Tensor,
                       masked_latents: torch.Tensor, condition: torch.Tensor,
                       conditioning_scale: float | None = None) -> torch.Tensor:
@@ -402,19 +510,8 @@ class LGESynthNet(nn.Module):
         Returns:
             ``[B, c, h, w]`` predicted noise (model dtype; float32 outside autocast).
         """
-        scale = self.cfg.controlnet.conditioning_scale if conditioning_scale is None else conditioning_scale
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
-                                    conditioning_scale=scale, return_dict=False)
         unet_in = torch.cat([noisy, latent_mask.to(noisy.dtype), masked_latents.to(noisy.dtype)], dim=1)
-        return self.unet(unet_in, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
-
-    @torch.no_grad()
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images).float()
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents).float()
+        return self._steered_noise(noisy, unet_in, t, text, condition, conditioning_scale)
 
     # ----------------------------------------------------------------------------------- training
     def training_loss(self, batch: Mapping[str, Any], reward_model: nn.Module | None = None,
@@ -444,20 +541,11 @@ class LGESynthNet(nn.Module):
         device = self.device
         image = batch["image"].to(device).float()
         mask = batch["mask"].to(device).float()
-        b = image.shape[0]
 
         latents = self._encode(image)
         masked_latents = self._encode(image * (1.0 - mask))
         latent_mask = self.latent_mask(mask)
-        if timesteps is None:
-            gen_device = generator.device if generator is not None else device
-            t = torch.randint(0, self.cfg.num_train_timesteps, (b,), generator=generator, device=gen_device).to(device)
-        else:
-            t = torch.as_tensor(timesteps, device=device).long().reshape(-1)
-            if t.shape[0] != b or t.min() < 0 or t.max() >= self.cfg.num_train_timesteps:
-                raise ValueError(f"timesteps must be {b} integers in [0, {self.cfg.num_train_timesteps})")
-        noise = _randn(latents.shape, generator, device)
-        noisy = self.add_noise(latents, noise, t)
+        t, noise, noisy = self._noised(latents, generator, timesteps)
         text = self.text_states(batch["caption"], generator, dropout=self.cfg.caption_dropout)
         condition = self.condition(batch).to(device)
 
@@ -507,9 +595,7 @@ class LGESynthNet(nn.Module):
             float32 ``[B, 1, H, W]`` in [-1, 1] on the model's device.
         """
         self._check_batch(batch)
-        steps = self.cfg.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        if not 1 <= steps <= self.cfg.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in 1..{self.cfg.num_train_timesteps}, got {steps}")
+        scheduler = self._sampler(num_inference_steps)
         device = self.device
         image = batch["image"].to(device).float()
         mask = batch["mask"].to(device).float()
@@ -518,34 +604,20 @@ class LGESynthNet(nn.Module):
         known, masked_latents = self._encode(torch.cat([image, image * (1.0 - mask)])).chunk(2)  # one VAE call
         latent_mask = self.latent_mask(mask)
         condition = self.condition(batch).to(device)
-        text = self.text_states(batch["caption"])
-        guided = self.cfg.guidance_scale > 1.0
-        if guided:  # unconditional branch first, then conditional, in one batched call
-            text = torch.cat([self.text_encoder.encode([""] * b).to(device), text])
-            masked_in, mask_in, condition_in = (torch.cat([x, x]) for x in (masked_latents, latent_mask, condition))
-        else:
-            masked_in, mask_in, condition_in = masked_latents, latent_mask, condition
+        text = self._sampling_text(batch["caption"])
+        masked_in, mask_in, condition_in = self._both_halves(masked_latents, latent_mask, condition)
 
-        scheduler = self.make_sampler()
-        scheduler.set_timesteps(steps, device=device)
         timesteps = scheduler.timesteps
         noise = _randn(known.shape, generator, device)
         keep = 1.0 - latent_mask
         latents = noise * scheduler.init_noise_sigma
         latents = latent_mask * latents + keep * self.add_noise(known, noise, timesteps[:1].expand(b))
-        for i, t in enumerate(timesteps):
-            model_in = scheduler.scale_model_input(latents, t)
-            model_in = torch.cat([model_in, model_in]) if guided else model_in
-            eps = self.predict_noise(model_in, t.expand(model_in.shape[0]), text, mask_in, masked_in, condition_in).float()
-            if guided:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents.float(), return_dict=False)[0].float()
-            if i + 1 < len(timesteps):
-                known_t = self.add_noise(known, noise, timesteps[i + 1].expand(b))
-            else:
-                known_t = known
-            latents = latent_mask * latents + keep * known_t
 
+        def repaint(i: int, latents: torch.Tensor) -> torch.Tensor:
+            known_t = self.add_noise(known, noise, timesteps[i + 1].expand(b)) if i + 1 < len(timesteps) else known
+            return latent_mask * latents + keep * known_t
+
+        latents = self._denoise(latents, scheduler, timesteps,
+                                lambda x, t: self.predict_noise(x, t, text, mask_in, masked_in, condition_in), repaint)
         decoded = self._decode(latents).clamp(-1.0, 1.0)
         return mask * decoded + (1.0 - mask) * image

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["InpaintUNetConfig", "build_inpaint_unet", "unet_block_kwargs"]
+__all__ = ["InpaintUNetConfig", "build_inpaint_unet", "build_unet", "unet_block_kwargs"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class InpaintUNetConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups {self.norm_num_groups} does not divide block channels {c}")
-        attended = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a] + [self.block_out_channels[-1]]
+        attended = [c for c, a in zip(self.block_out_channels, self.attention_levels, strict=True) if a] + [self.block_out_channels[-1]]
         for c in attended:
             if self.attention_head_dim < 1 or c % self.attention_head_dim:
                 raise ValueError(
@@ -126,13 +126,23 @@ def build_inpaint_unet(cfg: InpaintUNetConfig):
     the predicted noise. Accepts the ControlNet's ``down_block_additional_residuals`` and
     ``mid_block_additional_residual``.
     """
+    return build_unet(cfg, cfg.in_channels)
+
+
+def build_unet(cfg: InpaintUNetConfig, in_channels: int):
+    """A randomly initialised ``diffusers.UNet2DConditionModel`` with ``cfg``'s layout and ``in_channels``
+    input channels: ``cfg.in_channels`` for inpainting (:func:`build_inpaint_unet`), ``cfg.latent_channels``
+    for a plain text-to-image model on the noisy latent alone (the ControlNet baselines,
+    ``engine.models.controlnet_baseline``). Output: the predicted noise, ``latent_channels`` channels."""
     from diffusers import UNet2DConditionModel
 
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < cfg.latent_channels:
+        raise ValueError(f"in_channels must be an int >= latent_channels {cfg.latent_channels}, got {in_channels!r}")
     shared = unet_block_kwargs(cfg)
     up_block_types = tuple(
         "CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(shared["down_block_types"]))
     return UNet2DConditionModel(
-        in_channels=cfg.in_channels,
+        in_channels=in_channels,
         out_channels=cfg.latent_channels,
         up_block_types=up_block_types,
         **shared,

@@ -122,26 +122,36 @@ class DiffusionActor:
         self.steps = num_inference_steps or None
 
     def generate(self, inputs: dict[str, Any], noise_seeds: list[int]) -> np.ndarray:
-        """Generated images float32 [n, 1, S, S] in [-1, 1] for one shard's inputs (rows whose
-        ``active`` is False are left as the input image)."""
-        import torch
-
-        image = np.asarray(inputs["image"], np.float32)
-        out = image.copy()
-        active = np.flatnonzero(np.asarray(inputs["scar"]).reshape(len(image), -1).any(1))
-        for start in range(0, len(active), self.batch_size):
-            idx = active[start:start + self.batch_size]
-            batch = {k: torch.as_tensor(np.array(inputs[k][idx], np.float32), device=self.device)
-                     for k in ("image", "mask", "condition")}
-            batch["caption"] = [inputs["caption"][i] for i in idx]
-            generators = [torch.Generator(device="cpu").manual_seed(int(noise_seeds[i])) for i in idx]
-            with self.autocast():
-                generated = self.model.generate(batch, num_inference_steps=self.steps, generator=generators)
-            out[idx] = generated.float().cpu().numpy()
-        return out
+        """Generated images float32 [n, 1, S, S] in [-1, 1] for one shard's inputs (rows without a
+        scar are left as the input image)."""
+        return generate_in_batches(self.model, inputs, noise_seeds, self.batch_size, self.device, self.autocast,
+                                   num_inference_steps=self.steps)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return generated_rows(batch, self.generate)
+
+
+def generate_in_batches(model, inputs: dict[str, Any], noise_seeds: list[int], batch_size: int, device, autocast,
+                        **generate_kwargs) -> np.ndarray:
+    """``model.generate`` (a latent diffusion model's batch contract) over one shard's inputs in
+    micro-batches of ``batch_size``: images float32 [n, 1, S, S] in [-1, 1]; rows without a scar are
+    left as the input image. Each candidate's noise comes from its own generator seeded by its
+    ``noise_seeds`` entry, so a candidate does not depend on the batch it shares."""
+    import torch
+
+    image = np.asarray(inputs["image"], np.float32)
+    out = image.copy()
+    active = np.flatnonzero(np.asarray(inputs["scar"]).reshape(len(image), -1).any(1))
+    for start in range(0, len(active), batch_size):
+        idx = active[start:start + batch_size]
+        batch = {k: torch.as_tensor(np.array(inputs[k][idx], np.float32), device=device)
+                 for k in ("image", "mask", "condition")}
+        batch["caption"] = [inputs["caption"][i] for i in idx]
+        generators = [torch.Generator(device="cpu").manual_seed(int(noise_seeds[i])) for i in idx]
+        with autocast():
+            generated = model.generate(batch, generator=generators, **generate_kwargs)
+        out[idx] = generated.float().cpu().numpy()
+    return out
 
 
 def generated_rows(batch: dict[str, Any], generate) -> dict[str, Any]:

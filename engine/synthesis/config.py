@@ -90,13 +90,18 @@ class SynthesisConfig:
             Set when the store is created; an existing store keeps its own.
         method: what fills the scar region (:mod:`engine.synthesis.methods`): "lgesynthnet" (the
             trained generator), "paste" (the model-free control, settings in ``paste``), "spade-fc"
-            or "spade-lc" (the paper's SPADE baselines, trained by ``lgesynth train spade-fc|spade-lc``).
+            or "spade-lc" (the paper's SPADE baselines, trained by ``lgesynth train spade-fc|spade-lc``),
+            "controlnet" or "controlnet-template" (the paper's ControlNet baselines, one model trained
+            by ``lgesynth train controlnet``; the template's strength is ``controlnet_baseline.template_strength``).
         paste: the paste control's settings.
         generator: folder of the exported generator (empty: ``<run_dir>/generator``).
         reward: folder of the exported reward model (empty: ``<run_dir>/reward``).
         spade: folder of the exported SPADE model of a ``spade-*`` method (empty: ``<run_dir>/<method>``,
             where ``lgesynth train <method>`` exports it, so ``spade-fc`` and ``spade-lc`` each find
             their own; a folder set here serves one of them: its variant must match the method).
+        controlnet: folder of the exported ControlNet baseline of the ``controlnet`` and
+            ``controlnet-template`` methods (empty: ``<run_dir>/controlnet``, where ``lgesynth train
+            controlnet`` exports it); it samples on the run's VAE (``vae``), the one it was trained on.
         diffusion: the diffusion actor pool.
         filter: the filter actor pool.
         prepare_cpus: CPUs per candidate-preparation task (scar masks, edge maps, captions).
@@ -115,11 +120,12 @@ class SynthesisConfig:
     threshold: float = 0.6
     keep_rejected: bool = False
     compression: Literal["fast", "small", "none"] = "fast"
-    method: Literal["lgesynthnet", "paste", "spade-fc", "spade-lc"] = "lgesynthnet"
+    method: Literal["lgesynthnet", "paste", "spade-fc", "spade-lc", "controlnet", "controlnet-template"] = "lgesynthnet"
     paste: PasteConfig = field(default_factory=PasteConfig)
     generator: str = ""
     reward: str = ""
     spade: str = ""
+    controlnet: str = ""
     diffusion: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     filter: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.5))
     prepare_cpus: float = 0.25
@@ -162,3 +168,7 @@ class SynthesisConfig:
     def spade_folder(self, run_dir: str) -> Path:
         """The exported SPADE model of the method (``spade``, or ``<run_dir>/<method>``)."""
         return Path(self.spade).absolute() if self.spade else Path(run_dir).absolute() / self.method
+
+    def controlnet_folder(self, run_dir: str) -> Path:
+        """The exported ControlNet baseline (``controlnet``, or ``<run_dir>/controlnet``)."""
+        return Path(self.controlnet).absolute() if self.controlnet else Path(run_dir).absolute() / "controlnet"

@@ -13,6 +13,15 @@ so the alignment and utility gates compare methods and nothing else (DOMAIN.md s
   trained by ``lgesynth train spade-fc`` / ``spade-lc`` (:class:`engine.synthesis.spade.SpadeActor`,
   model and conditioning in :mod:`engine.models.spade`). They output the whole image, the input is
   not blended back.
+- ``controlnet`` and ``controlnet-template``: the paper's ControlNet baselines ("ControlNet" and
+  "ControlNet with template guidance", Table 1), one model trained by ``lgesynth train controlnet``
+  (:class:`engine.synthesis.controlnet_baseline.ControlNetBaselineActor`, model in
+  :mod:`engine.models.controlnet_baseline`): a text-to-image latent diffusion UNet with a ControlNet
+  on the same scar edge map and caption, no inpainting base and no reward. ``controlnet`` generates
+  the whole image from pure noise; ``controlnet-template`` starts from the negative source slice
+  noised to ``controlnet_baseline.template_strength`` (SDEdit), so the output keeps the template's
+  anatomy. Both output the whole image, nothing is blended back; the store's fingerprint holds the
+  method, the exported model's sha256 and (``controlnet-template``) the strength.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import numpy as np
 
 from engine.anatomy.labels import CAVITY
 
-METHODS = ("lgesynthnet", "paste", "spade-fc", "spade-lc")
+METHODS = ("lgesynthnet", "paste", "spade-fc", "spade-lc", "controlnet", "controlnet-template")
 SPADE_METHODS = ("spade-fc", "spade-lc")
+CONTROLNET_METHODS = ("controlnet", "controlnet-template")
 
 
 @dataclass
@@ -113,4 +123,8 @@ def method_actor(method: str):
         from engine.synthesis.spade import SpadeActor
 
         return SpadeActor
+    if method in CONTROLNET_METHODS:
+        from engine.synthesis.controlnet_baseline import ControlNetBaselineActor
+
+        return ControlNetBaselineActor
     raise ValueError(f"unknown synthesis method {method!r}; known: {', '.join(METHODS)}")

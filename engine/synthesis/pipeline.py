@@ -5,7 +5,8 @@
     shard ids (only those not yet complete in the store)
       -> prepare_shards   (tasks: scar masks, edge maps, captions)
       -> DiffusionActor   (actor pool, generator loaded once per actor; or another method's actor,
-                           engine.synthesis.methods: the model-free paste control, the SPADE baselines)
+                           engine.synthesis.methods: the model-free paste control, the SPADE and
+                           ControlNet baselines)
       -> FilterActor      (actor pool, frozen reward model: Dice, passed, label)
       -> ZarrShardDatasink (write tasks: each shard written whole, then marked complete)
 
@@ -28,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.synthesis.config import SynthesisConfig
-from engine.synthesis.methods import SPADE_METHODS
+from engine.synthesis.controlnet_baseline import controlnet_record
+from engine.synthesis.methods import CONTROLNET_METHODS, SPADE_METHODS
 from engine.synthesis.spade import spade_record
 from engine.synthesis.store import (
     ATTRS_KEY,
@@ -140,6 +142,12 @@ class SynthesisJob:
             self.spade_record = spade_record(self.spade_folder, syn.method, cfg.data.crop_size)
             self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "spade": self.spade_folder})
             self.data_cfg = dataclasses.replace(cfg.data, mask_dilation=int(self.spade_record["mask_dilation"]))
+        elif syn.method in CONTROLNET_METHODS:  # conditions as the baseline was trained with (the generator's)
+            self.controlnet_folder = syn.controlnet_folder(cfg.run_dir)
+            record = controlnet_record(self.controlnet_folder, cfg.data.crop_size)
+            self.checkpoints = checkpoint_hashes({"reward": self.reward_folder, "vae": self.vae_folder,
+                                                  "controlnet_baseline": self.controlnet_folder})
+            self.data_cfg = generator_data_config(cfg.data, GeneratorConfig.from_dict(record["model"]))
         else:  # a model-free method: only the filter's reward model; conditions as the run's data section
             self.checkpoints = checkpoint_hashes({"reward": self.reward_folder})
             self.data_cfg = cfg.data
@@ -169,6 +177,8 @@ class SynthesisJob:
             content["paste"] = to_dict(syn.paste)
         if syn.method in SPADE_METHODS:
             content["spade"] = {k: self.spade_record[k] for k in ("context", "limited_margin_px")}
+        if syn.method == "controlnet-template":
+            content["controlnet"] = {"template_strength": cfg.controlnet_baseline.template_strength}
         self.fingerprint = _fingerprint(content)
         self.attrs = {
             "format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": self.fingerprint,
@@ -201,14 +211,14 @@ class SynthesisJob:
         if syn.method == "paste":
             diffusion: dict[str, Any] = {"paste": to_dict(syn.paste)}
         elif syn.method in SPADE_METHODS:
-            diffusion = {"spade_folder": str(self.spade_folder), "method": syn.method, "batch_size": syn.batch_size,
-                         "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
-                         "torch_threads": syn.diffusion.torch_threads}
+            diffusion = {"spade_folder": str(self.spade_folder), "method": syn.method, **pool}
+        elif syn.method in CONTROLNET_METHODS:
+            diffusion = {"controlnet_folder": str(self.controlnet_folder), "vae_folder": str(self.vae_folder),
+                         "method": syn.method, "num_inference_steps": syn.num_inference_steps,
+                         "template_strength": self.cfg.controlnet_baseline.template_strength, **pool}
         else:
             diffusion = {"generator_folder": str(self.generator_folder), "vae_folder": str(self.vae_folder),
-                         "batch_size": syn.batch_size, "num_inference_steps": syn.num_inference_steps,
-                         "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
-                         "torch_threads": syn.diffusion.torch_threads}
+                         "num_inference_steps": syn.num_inference_steps, **pool}
         filt = {"reward_folder": str(self.reward_folder), "threshold": syn.threshold,
                 "keep_rejected": syn.keep_rejected, "batch_size": syn.batch_size, "num_gpus": syn.filter.num_gpus,
                 "dtype": syn.filter.dtype, "torch_threads": syn.filter.torch_threads}

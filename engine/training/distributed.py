@@ -564,17 +564,9 @@ def report(
     rank = worker_context()[0]
     if rank == 0:
         _progress_logger().info(_format_progress(metrics, checkpoint))
-    if _in_process_run is not None:
-        if checkpoint:
-            saved_state = {**state, "metrics": state.get("metrics", metrics)}
-            step = saved_state.get("step")
-            name = f"checkpoint_step{step:08d}_{uuid.uuid4().hex[:6]}" if isinstance(step, int) else f"checkpoint_{uuid.uuid4().hex[:12]}"
-            _in_process_run.checkpoint = _save_in_process(_in_process_run, name, models=models, optimizers=optimizers,
-                                                          schedulers=schedulers, state=saved_state, config=config)
-            _in_process_run.metrics = metrics
-        return
     if not checkpoint:
-        ray.train.report(metrics)
+        if _in_process_run is None:  # in process there is no one to report to
+            ray.train.report(metrics)
         return
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)  # rank 0's checkpoint dir name is broadcast to all
@@ -583,6 +575,12 @@ def report(
     saved_state.setdefault("metrics", metrics)
     step = saved_state.get("step")
     dir_name = f"checkpoint_step{step:08d}_{uuid.uuid4().hex[:6]}" if isinstance(step, int) else None
+    if _in_process_run is not None:
+        _in_process_run.checkpoint = _save_in_process(
+            _in_process_run, dir_name or f"checkpoint_{uuid.uuid4().hex[:12]}", models=models, optimizers=optimizers,
+            schedulers=schedulers, state=saved_state, config=config)
+        _in_process_run.metrics = metrics
+        return
     with tempfile.TemporaryDirectory(prefix="lgesynth-ckpt-") as tmp:
         directory = save_checkpoint(
             os.path.join(tmp, "checkpoint"), models=models, optimizers=optimizers, schedulers=schedulers,
