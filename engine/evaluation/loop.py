@@ -16,10 +16,11 @@ comparison at equal sample count. The final report scores the uniform arm, the l
 targeted arm and real only on the test patients (the rounds see only validation patients), mean and
 SD over seeds, and draws the segment weights of every round as AHA bull's-eyes.
 
-Everything lives in ``<run_dir>/loop/<name>/``: ``round-<r>.zarr`` stores, Tune's bookkeeping,
-``loop.json``, ``loop.md`` and ``weights.png``. The downstream models are runs of the run folder
-named by their store (engine.evaluation.sweep), so a re-run reuses complete stores and finished
-models.
+Round 0's store is the run's own store of the method (``lgesynth synthesize`` / ``evaluate``
+make the same one), the targeted rounds' and the rest live in ``<run_dir>/loop/<name>/``:
+``round-<r>.zarr``, Tune's bookkeeping, ``loop.json``, ``loop.md`` and ``weights.png``. The
+downstream models are runs of the run folder named by their store's content (engine.evaluation.sweep),
+so a re-run, and the evaluation before it, share complete stores and finished models.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from engine.anatomy.aha import LEVEL_SEGMENTS, TERRITORIES
+from engine.anatomy.aha import TERRITORIES
 from engine.anatomy.masks import TRANSMURALITY_BINS
 
 SEGMENTS = tuple(str(s) for s in range(1, 17))
@@ -101,7 +102,7 @@ def miss_counts(models: Sequence[Any], arrays, reference_angle: float = 120.0, b
     from engine.anatomy.labels import scar_region
     from engine.anatomy.transmurality import segment_transmurality, transmurality_class
 
-    rows = [i for i in range(len(arrays)) if arrays.positive[i] and arrays.level[i] in LEVEL_SEGMENTS]
+    rows = [i for i in range(len(arrays)) if arrays.positive[i] and arrays.level[i] in ("basal", "mid", "apical")]
     segment: dict[str, list[int]] = {}
     transmurality: dict[str, list[int]] = {}
     if not rows:
@@ -163,14 +164,21 @@ def territory_weights(base: Mapping[str, float], segment_weights: Mapping[str, f
 
 
 def round_config(cfg, out_dir: Path, r: int, weights: Mapping[str, Any]):
-    """``cfg`` with the loop's method, round ``r``'s store and the sampler's weights."""
+    """``cfg`` with the loop's method, round ``r``'s store and the sampler's weights. Round 0 (the
+    configured sampler) is the method's store of the run, the one ``lgesynth synthesize`` or
+    ``evaluate`` makes: the same samples, so its downstream models are theirs too; the targeted
+    rounds write ``<out_dir>/round-<r>.zarr``."""
+    from engine.evaluation.run import method_config
+
     lp = cfg.loop
+    own = method_config(cfg, lp.method)
+    if r == 0:
+        return own
     sampler = dataclasses.replace(cfg.scar_sampler, segment_weights=dict(weights.get("segment", {})),
                                   transmurality_weights=dict(weights.get("transmurality", {})),
                                   territory_weights=dict(weights.get("territory") or cfg.scar_sampler.territory_weights))
-    syn = dataclasses.replace(cfg.synthesis, method=lp.method, store=str(out_dir / f"round-{r}.zarr"),
-                              max_candidates=cfg.evaluation.candidates or cfg.synthesis.max_candidates)
-    return dataclasses.replace(cfg, scar_sampler=sampler, synthesis=syn)
+    syn = dataclasses.replace(own.synthesis, store=str(out_dir / f"round-{r}.zarr"))
+    return dataclasses.replace(own, scar_sampler=sampler, synthesis=syn)
 
 
 def _trained(cfg, parts, store: Mapping[str, Any], n: int, with_real: bool, out_dir: Path,
@@ -253,11 +261,14 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
     history: list[dict[str, Any]] = []
     round_runs: list[list[dict[str, Any]]] = []
     real_runs: list[dict[str, Any]] = []
+    stores: list[dict[str, Any]] = []
     for r in range(lp.rounds):
         rcfg = round_config(cfg, out_dir, r, weights)
-        log(f"loop: round {r}: synthesizing into {rcfg.synthesis.store}" + (" (uniform)" if r == 0 else ""))
+        url = rcfg.synthesis.store_url(rcfg.run_dir)
+        log(f"loop: round {r}: synthesizing into {url}" + (" (the configured sampler)" if r == 0 else ""))
         made = synthesize(rcfg, sequential=sequential, parts=all_parts, log=log)
-        store = store_entry(rcfg.synthesis.store, lp.method, [rcfg.synthesis.threshold])
+        store = store_entry(url, lp.method, [rcfg.synthesis.threshold], rcfg.synthesis.storage_options)
+        stores.append(store)
         trials = _trained(rcfg, parts, store, n, r == 0, out_dir / "tune" / f"round-{r}", log)
         mine = [t for t in trials if t["method"] != REAL]
         round_runs.append(mine)
@@ -277,9 +288,15 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
                    "transmurality": reweight(weights["transmurality"], counts["transmurality"], CLASSES,
                                              lp.strength, lp.floor),
                    "territory": territory_weights(cfg.scar_sampler.territory_weights, segment)}
-    # the comparison at equal sample count: the rounds' finished models scored on the test patients
+    # the comparison at equal sample count: when the last round's store kept fewer than asked, a
+    # uniform arm of that count is trained too; the finished models are scored on the test patients
+    uniform, n_final = round_runs[0], min(int(t["n_used"]) for t in round_runs[-1])
+    if any(int(t["n_used"]) != n_final for t in uniform):
+        log(f"loop: the last round kept {n_final} samples: training the uniform arm with {n_final} too")
+        uniform = [t for t in _trained(round_config(cfg, out_dir, 0, {}), parts, stores[0], n_final, False,
+                                       out_dir / "tune" / "uniform-equal-n", log) if t["method"] != REAL]
     test = {arm: _summary([_scored_on_test(cfg, all_parts, run) for run in runs])
-            for arm, runs in (("real_only", real_runs), ("uniform", round_runs[0]), ("targeted", round_runs[-1]))}
+            for arm, runs in (("real_only", real_runs), ("uniform", uniform), ("targeted", round_runs[-1]))}
     result = {"loop": dataclasses.asdict(lp), "n_synthetic": n, "rounds": history, "test": test,
               "final_weights": weights, "seconds": round(time.perf_counter() - started, 1)}
     result["outputs"] = write_outputs(result, out_dir)
@@ -314,8 +331,11 @@ def markdown(result: Mapping[str, Any]) -> str:
                      f"{entry['val']['collapsed']} | {top} |")
     lines += ["", "Test patients (detection threshold calibrated on validation), mean ± SD over seeds:", "",
               "| training | balanced accuracy | Dice | collapsed |", "|---|---|---|---|"]
-    for arm, label in (("real_only", "real only"), ("uniform", f"+ {result['n_synthetic']} uniform (round 0)"),
-                       ("targeted", f"+ {result['n_synthetic']} targeted (round {lp['rounds'] - 1})")):
+    def used(arm: str) -> str:
+        return "/".join(str(n) for n in sorted({int(r["n_used"]) for r in test[arm]["runs"]})) or "0"
+
+    for arm, label in (("real_only", "real only"), ("uniform", f"+ {used('uniform')} uniform (the configured sampler)"),
+                       ("targeted", f"+ {used('targeted')} targeted (round {lp['rounds'] - 1})")):
         lines.append(f"| {label} | {_ms(test[arm]['balanced_accuracy'])} | {_ms(test[arm]['dice'])} | "
                      f"{test[arm]['collapsed']} of {len(test[arm]['runs'])} |")
     diff = test["targeted"]["balanced_accuracy"]["mean"] - test["uniform"]["balanced_accuracy"]["mean"]
