@@ -174,8 +174,11 @@ def test_failure_targeted_loop_steers_the_sampler_and_compares_at_equal_count(tr
     from engine.synthesis.store import open_store, store_attrs
 
     cfg, base, _ = trained_run
-    result = run_loop(stage_config(cfg.run_dir, ["loop.rounds=2", "loop.seeds=[0]", "loop.n_synthetic=2"]),
-                      sequential=True, log=lambda _: None)
+    # round 0 is the run's own store; a store of its own here, since an earlier test of this module
+    # retrained the reward model (the run's synthetic.zarr, filtered by the old one, is refused)
+    loop_cfg = stage_config(cfg.run_dir, ["loop.rounds=2", "loop.seeds=[0]", "loop.n_synthetic=2",
+                                          f"synthesis.store={base / 'loop-own.zarr'}"])
+    result = run_loop(loop_cfg, sequential=True, log=lambda _: None)
     first, second = result["rounds"]
     assert first["weights"]["segment"] == {} and second["store"] != first["store"]  # round 0: the configured sampler
     steered = second["weights"]["segment"]
