@@ -168,16 +168,11 @@ def score_downstream(folder: str | Path, arrays, val_arrays=None, collapse_min_p
     import torch
 
     from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
-    from engine.models.downstream import DownstreamModelConfig, build_downstream_model
-    from engine.training.checkpoint import load_model_weights, read_model_config
     from engine.training.data import patients_in
-    from engine.training.downstream import patient_scar_areas
+    from engine.training.downstream import load_downstream, patient_scar_areas
     from engine.training.segmentation import scar_validation
 
-    record = read_model_config(folder, "downstream")
-    model = build_downstream_model(DownstreamModelConfig.from_dict(record["model"]))
-    load_model_weights(folder, "downstream", model)
-    model.eval()
+    model, record = load_downstream(folder)
     device = torch.device("cpu")
     seg = scar_validation(model, arrays.image, arrays.label, "0,1", device)
     threshold = float(record.get("detection_min_pixels", 10.0))

@@ -101,6 +101,7 @@ def miss_counts(models: Sequence[Any], arrays, reference_angle: float = 120.0, b
     from engine.anatomy.aha import aha_segments
     from engine.anatomy.labels import scar_region
     from engine.anatomy.transmurality import segment_transmurality, transmurality_class
+    from engine.models.downstream import predict
 
     rows = [i for i in range(len(arrays)) if arrays.positive[i] and arrays.level[i] in ("basal", "mid", "apical")]
     segment: dict[str, list[int]] = {}
@@ -117,9 +118,8 @@ def miss_counts(models: Sequence[Any], arrays, reference_angle: float = 120.0, b
     for model in models:
         model.eval()
         with torch.no_grad():
-            predicted = np.concatenate([
-                (torch.sigmoid(model(images[start:start + batch_size])[:, 0].float()) > 0.5).numpy()
-                for start in range(0, len(rows), batch_size)])
+            predicted = np.concatenate([predict(model, images[start:start + batch_size])["scar"].numpy()
+                                        for start in range(0, len(rows), batch_size)])
         missed = truth & ~predicted
         for k in range(len(rows)):
             for s in np.unique(regions[k][truth[k]]):
@@ -213,19 +213,6 @@ def _scored_on_test(cfg, parts, trial: Mapping[str, Any]) -> dict[str, Any]:
             "dice": float(score["dice"]), "collapsed": bool(score["collapsed"])}
 
 
-def _load_models(run_dir: str, names: Sequence[str]) -> list[Any]:
-    from engine.models.downstream import DownstreamModelConfig, build_downstream_model
-    from engine.training.checkpoint import load_model_weights, read_model_config
-
-    models = []
-    for name in names:
-        folder = Path(run_dir) / name
-        model = build_downstream_model(DownstreamModelConfig.from_dict(read_model_config(folder, "downstream")["model"]))
-        load_model_weights(folder, "downstream", model)
-        models.append(model.eval())
-    return models
-
-
 def _summary(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     from engine.evaluation.gates import mean_sd
 
@@ -241,6 +228,7 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
     ``sequential`` makes the round stores without Ray Data (tests, debugging)."""
     from engine.evaluation.sweep import REAL, absolute_paths, store_entry
     from engine.synthesis.pipeline import synthesize
+    from engine.training.downstream import load_downstream
     from engine.training.prepare import prepare_arrays
 
     if rounds is not None:
@@ -273,7 +261,7 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
         mine = [t for t in trials if t["method"] != REAL]
         round_runs.append(mine)
         real_runs += [t for t in trials if t["method"] == REAL]
-        counts = miss_counts(_load_models(cfg.run_dir, [t["run"] for t in mine]), parts["val"],
+        counts = miss_counts([load_downstream(Path(cfg.run_dir) / t["run"])[0] for t in mine], parts["val"],
                              cfg.cohort.reference_angle)
         entry = {"round": r, "weights": json.loads(json.dumps(weights)), "store": store["url"],
                  "pass_rate": made.get("pass_rate"), "kept": made.get("kept"), "misses": counts,

@@ -27,6 +27,7 @@ that could not take a candidate at all. Readable with plain ``zarr.open_group(ur
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -263,17 +264,13 @@ def _encode_chunk(pipeline, chunk, spec):
     return data
 
 
-_INDEX_PIPELINES: dict[int, Any] = {}
-
-
-def _index_pipeline(codec):
-    """The sharding codec's index pipeline, built once per codec (zarr builds it per shard)."""
+@functools.lru_cache(maxsize=32)
+def _index_pipeline(index_codecs: tuple):
+    """A sharding codec's index pipeline (built once per distinct index codecs, where zarr builds
+    it per shard; bounded, as every writer opens its arrays anew)."""
     from zarr.core.codec_pipeline import BatchedCodecPipeline
 
-    key = id(codec)
-    if key not in _INDEX_PIPELINES:
-        _INDEX_PIPELINES[key] = (codec, BatchedCodecPipeline.from_codecs(codec.index_codecs))  # codec kept alive
-    return _INDEX_PIPELINES[key][1]
+    return BatchedCodecPipeline.from_codecs(index_codecs)
 
 
 def _encode_shard(codec, shard, shard_spec):
@@ -297,7 +294,7 @@ def _encode_shard(codec, shard, shard_spec):
         offset += len(data)
     if not buffers:
         return None
-    index_pipeline = _index_pipeline(codec)
+    index_pipeline = _index_pipeline(tuple(codec.index_codecs))
     index_spec = codec._get_index_chunk_spec(per_shard)
 
     def index_bytes():

@@ -63,6 +63,18 @@ class DownstreamStageConfig:
             raise ValueError(f"detection_min_pixels must be >= 0, got {self.detection_min_pixels}")
 
 
+def load_downstream(folder) -> tuple[Any, dict[str, Any]]:
+    """The exported downstream model of ``<folder>/downstream.*`` in eval mode, and its record
+    (config, sha256, ``detection_min_pixels``, ...)."""
+    from engine.models.downstream import DownstreamModelConfig, build_downstream_model
+    from engine.training.checkpoint import load_model_weights, read_model_config
+
+    record = read_model_config(folder, STAGE)
+    model = build_downstream_model(DownstreamModelConfig.from_dict(record["model"]))
+    load_model_weights(folder, STAGE, model)
+    return model.eval(), record
+
+
 def patient_scar_areas(model, arrays, device, batch_size: int = 32) -> dict[str, float]:
     """Predicted scar pixels of every patient of ``arrays``, summed over its slices."""
     import torch
