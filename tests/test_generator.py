@@ -249,6 +249,27 @@ def test_generate_keeps_the_known_region_and_is_seeded(scheduler):
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_generate_encodes_a_shared_source_once_and_maps_it_back():
+    """Candidates of one slice share their source image: it is VAE-encoded once, and every sample
+    still gets its own source's latents (each sample as when generated alone)."""
+    torch.manual_seed(0)
+    model = LGESynthNet(tiny_config()).eval()
+    randomize_zero_convs(model)
+    batch = make_batch(model, batch=3)
+    order = [1, 0, 1, 2, 0]  # sources 0 and 1 twice each, out of order
+    shared = {k: (v[order] if torch.is_tensor(v) else [v[i] for i in order]) for k, v in batch.items()}
+    shared["mask"] = torch.roll(shared["mask"], 1, dims=0)  # the same source under another scar
+    calls = []
+    encode = model._encode
+    model._encode = lambda images: calls.append(len(images)) or encode(images)
+    together = model.generate(shared, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(5)])
+    assert calls == [3 + 5]  # three distinct sources, five masked copies
+    for i in range(5):
+        one = {k: v[i:i + 1] for k, v in shared.items()}
+        alone = model.generate(one, num_inference_steps=2, generator=[torch.Generator().manual_seed(i)])
+        assert torch.allclose(together[i:i + 1], alone, atol=1e-4), i
+
+
 def test_generate_with_guidance_and_under_bf16_autocast():
     model = LGESynthNet(tiny_config(guidance_scale=2.0, caption_dropout=0.1)).eval()
     randomize_zero_convs(model)

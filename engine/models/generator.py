@@ -601,7 +601,11 @@ class LGESynthNet(LatentDiffusion):
         mask = batch["mask"].to(device).float()
         b = image.shape[0]
 
-        known, masked_latents = self._encode(torch.cat([image, image * (1.0 - mask)])).chunk(2)  # one VAE call
+        # One VAE call: each distinct source image once (the K candidates of a slice share it) and
+        # every masked copy. An encode is ~20% of a CPU sample at 10 steps.
+        sources, source_of = torch.unique(image.flatten(1), dim=0, return_inverse=True)
+        encoded = self._encode(torch.cat([sources.view(-1, *image.shape[1:]), image * (1.0 - mask)]))
+        known, masked_latents = encoded[:len(sources)][source_of], encoded[len(sources):]
         latent_mask = self.latent_mask(mask)
         condition = self.condition(batch).to(device)
         text = self._sampling_text(batch["caption"])
