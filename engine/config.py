@@ -299,6 +299,35 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def config_changes(old: Any, new: Any, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like configs, as ``"key: old -> new"``
+    (values as ``repr``, cut at 80 characters: hashes and fingerprints stay readable); keys matching
+    a glob of ``ignore`` (``fnmatch`` on the dotted key) are skipped; a list equals a tuple of the
+    same items (a config read back from JSON against one in memory).
+
+    Example:
+        >>> config_changes({"loop": {"lr": 1e-3, "epochs": 5}}, {"loop": {"lr": 3e-3, "epochs": 8}}, ("*.epochs",))
+        ['loop.lr: 0.001 -> 0.003']
+    """
+    import fnmatch
+
+    if prefix and any(fnmatch.fnmatchcase(prefix, pattern) for pattern in ignore):
+        return []
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in config_changes(old.get(key), new.get(key), ignore, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    if old == new:
+        return []
+
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return [f"{prefix or 'value'}: {shown(old)} -> {shown(new)}"]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split a command-line ``key=value`` override; the value is read as YAML.
 

@@ -202,7 +202,7 @@ def _run_config(**loop):
 
 
 def test_config_changes_names_each_changed_key_and_skips_ignored_ones():
-    from engine.training.distributed import config_changes
+    from engine.config import config_changes
 
     old, new = _run_config(), _run_config(lr=3e-3, epochs=8)
     new["stage"]["model"]["channels"] = (16, 64)

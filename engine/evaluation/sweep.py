@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from engine.config import config_changes
 REAL = "real"  # the method name of the real-only baseline setting
 RESULT_KEYS = ("balanced_accuracy", "dice", "dice_tp", "accuracy")
 TRIAL_KEYS = (*RESULT_KEYS, "collapsed", "n_used", "n_available", "short", "tn", "fp", "fn", "tp", "run",
@@ -531,17 +532,10 @@ def sweep_settings(cfg, grid: Sequence[Mapping[str, Any]], stores: Mapping[str, 
     return json.loads(json.dumps(settings))
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
-    return [] if old == new else [f"{prefix or 'settings'}: {json.dumps(old)} -> {json.dumps(new)}"]
-
-
 def _check_restorable(out_dir: Path, settings: Mapping[str, Any]) -> None:
     path = out_dir / SETTINGS_FILE
     stored = json.loads(path.read_text()) if path.is_file() else None
-    changes = ["no record of its settings"] if stored is None else _differences(stored, dict(settings))
+    changes = ["no record of its settings"] if stored is None else config_changes(stored, dict(settings))
     if changes:
         raise ValueError(f"{out_dir}: the sweep was started with other settings ({'; '.join(changes[:4])}); "
                          "choose another sweep.name, or delete that folder to start over")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.config import config_changes
 from engine.synthesis.config import SynthesisConfig
 from engine.synthesis.controlnet_baseline import controlnet_record
 from engine.synthesis.methods import CONTROLNET_METHODS, SPADE_METHODS
@@ -76,17 +77,6 @@ def checkpoint_hashes(folders: dict[str, Path]) -> dict[str, str]:
 
 def _fingerprint(content: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {str(a)[:60]} -> {str(b)[:60]}")
-    return out
 
 
 def check_pools_fit(syn: SynthesisConfig) -> None:
@@ -195,7 +185,7 @@ class SynthesisJob:
             group = open_store(self.url, "r+", opts)
             stored = store_attrs(group)
             if stored.get("fingerprint") != self.fingerprint:
-                changes = _differences(stored.get("content", {}), self.attrs["content"]) or ["not an lgesynth store"]
+                changes = config_changes(stored.get("content", {}), self.attrs["content"]) or ["not an lgesynth store"]
                 raise ValueError(
                     f"{self.url}: the store was written with another plan, config or checkpoint ({'; '.join(changes[:6])}); "
                     "write to a new synthesis.store, or delete this one to start over")

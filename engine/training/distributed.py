@@ -65,6 +65,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from torch import nn
 
+from engine.config import config_changes
 from engine.training.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -244,21 +245,6 @@ LOCAL_NODE_IP = "127.0.0.2"  # loopback: 127.0.0.1 is silently replaced by the m
 
 # a resumed run may train longer and on other resources; anything else is another run
 RESUMABLE_CHANGES = ("*.epochs", "*.max_steps", "stage.ray.*")
-
-
-def config_changes(old: Any, new: Any, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two json configs, as ``"key: old -> new"``; keys
-    matching a glob of ``ignore`` (``fnmatch`` on the dotted key) are skipped."""
-    import fnmatch
-
-    if prefix and any(fnmatch.fnmatchcase(prefix, pattern) for pattern in ignore):
-        return []
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [change for key in sorted(set(old) | set(new), key=str)
-                for change in config_changes(old.get(key), new.get(key), ignore, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-        old, new = list(old), list(new)
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 def check_resumable(checkpoint: str, config: Mapping[str, Any], name: str, ignore: tuple[str, ...] = ()) -> None:
