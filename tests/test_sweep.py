@@ -328,3 +328,31 @@ def test_settings_that_train_the_same_model_are_one_trial_and_report_on_each_set
     at_06 = [r for r in rows if r["threshold"] == 0.6]
     assert [(r["n"], r["n_used"], r["short"]) for r in at_06] == [(15, 13, True), (30, 13, True)]
     assert [(r["n"], r["short"]) for r in rows if r["threshold"] == 0.7] == [(15, False), (30, False)]
+
+
+def test_one_experiment_at_a_time_in_a_folder_and_a_dead_holder_leaves_no_lock(tmp_path):
+    """Two sweeps (or evaluations, loops) in one folder would overwrite each other's Tune state: the
+    second is refused at once with the holder's pid; the lock dies with its process (SIGKILL too)."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.evaluation.sweep import experiment_lock
+
+    folder = tmp_path / "sweeps" / "grid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, time; from engine.evaluation.sweep import experiment_lock\n"
+         f"with experiment_lock(pathlib.Path({str(folder)!r})):\n"
+         "    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"another sweep, evaluation or loop \(pid {holder.pid}\)"):
+            with experiment_lock(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(30)
+    with experiment_lock(folder):  # free again; re-entrant inside its own process
+        with experiment_lock(folder):
+            assert (folder / ".lock").read_text() == str(os.getpid())

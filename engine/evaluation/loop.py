@@ -226,14 +226,21 @@ def run_loop(cfg, rounds: int | None = None, *, sequential: bool = False,
     """Run (or continue) the loop of ``cfg.loop`` (``rounds`` overrides ``loop.rounds``); the
     result dict, also written to ``<run_dir>/loop/<name>/`` (see the module docstring).
     ``sequential`` makes the round stores without Ray Data (tests, debugging)."""
-    from engine.evaluation.sweep import REAL, absolute_paths, store_entry
-    from engine.synthesis.pipeline import synthesize
-    from engine.training.downstream import load_downstream
-    from engine.training.prepare import prepare_arrays
+    from engine.evaluation.sweep import absolute_paths, experiment_lock
 
     if rounds is not None:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, rounds=int(rounds)))
     cfg = absolute_paths(cfg)
+    with experiment_lock(Path(cfg.run_dir) / "loop" / cfg.loop.name):  # one loop at a time in its folder
+        return _run_loop(cfg, sequential, log)
+
+
+def _run_loop(cfg, sequential: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from engine.evaluation.sweep import REAL, store_entry
+    from engine.synthesis.pipeline import synthesize
+    from engine.training.downstream import load_downstream
+    from engine.training.prepare import prepare_arrays
+
     lp = cfg.loop
     n = lp.n_synthetic or cfg.evaluation.n_synthetic
     started = time.perf_counter()

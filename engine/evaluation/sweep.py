@@ -541,6 +541,42 @@ def _check_restorable(out_dir: Path, settings: Mapping[str, Any]) -> None:
                          "choose another sweep.name, or delete that folder to start over")
 
 
+_LOCKED: set[str] = set()  # experiment folders this process holds (a sweep's run_trials is inside its sweep's lock)
+
+
+@contextlib.contextmanager
+def experiment_lock(out_dir: Path):
+    """Hold ``out_dir`` (a sweep's, an evaluation's or a loop's folder) for this process: two Tune
+    experiments restoring and writing one folder overwrite each other's trial state and results.
+    An exclusive ``flock`` of ``out_dir/.lock``, refused at once (naming the holder's pid) when
+    another process holds it; the kernel drops it when the holder exits, killed or not, so nothing
+    stale is left behind. Re-entrant within a process. (A lock on the driver's file system: two
+    drivers on different machines sharing the folder over a network file system are not covered.)"""
+    import fcntl
+
+    key = str(Path(out_dir).absolute())
+    if key in _LOCKED:
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(out_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(f"{out_dir}: another sweep, evaluation or loop (pid {holder}) is running in this folder; "
+                           "wait for it to finish, or choose another name") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCKED.add(key)
+        yield
+    finally:
+        _LOCKED.discard(key)
+        os.close(fd)  # releases the lock
+
+
 def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, Any]],
                grid: Sequence[Mapping[str, Any]], seeds: Sequence[int], out_dir: Path, *, call: str,
                score_on: str = "val", callbacks: Sequence[Any] = (), log: Callable[[str], None] = print,
@@ -550,7 +586,6 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
     and errored ones run again); (finished trials, errored trials). ``cfg`` must have absolute paths
     (:func:`absolute_paths`). Trials that can train at once: ``cfg.sweep.max_concurrent_trials`` or
     as many as the cluster's nodes hold ``cfg.downstream.ray`` workers for."""
-    import ray
     from ray import tune
 
     from engine.training.distributed import connect
@@ -561,6 +596,15 @@ def run_trials(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, 
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg, parts=parts, stores=stores, call=call,
                                                          score_on=score_on),
                                        trial_resources(sw, cfg.downstream.ray))
+    with experiment_lock(out_dir):
+        return _run_tuner(cfg, trainable, trained, grid, stores, seeds, out_dir, callbacks, log)
+
+
+def _run_tuner(cfg, trainable, trained, grid, stores, seeds, out_dir: Path, callbacks, log):
+    import ray
+    from ray import tune
+
+    sw: SweepConfig = cfg.sweep
     if tune.Tuner.can_restore(str(out_dir)):
         tuner = tune.Tuner.restore(str(out_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
@@ -646,9 +690,6 @@ def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
         ``errors``, ``trials_run`` (trials that ran in this call, 0 when everything was restored),
         ``restored``, ``experiment``, ``outputs``, ``seconds``.
     """
-    from ray import tune
-
-    from engine.config import to_dict
     from engine.training.prepare import prepare_arrays
 
     if "://" in str(cfg.run_dir):
@@ -669,6 +710,17 @@ def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
         counts = ", ".join(f"{n} with Dice > {t}" for t, n in store["available"].items())
         log(f"sweep: {method}: {store['url']}: {counts}")
     out_dir = Path(cfg.run_dir) / "sweeps" / sw.name
+    with experiment_lock(out_dir):
+        return _sweep_in(cfg, out_dir, grid, stores, parts, callbacks, call, started, log)
+
+
+def _sweep_in(cfg, out_dir: Path, grid, stores, parts, callbacks, call: str, started: float,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    from ray import tune
+
+    from engine.config import to_dict
+
+    sw: SweepConfig = cfg.sweep
     settings = sweep_settings(cfg, grid, stores)
     restored = tune.Tuner.can_restore(str(out_dir))
     if restored:
