@@ -94,6 +94,8 @@ def test_store_layout_and_one_writer_per_shard(tmp_path):
     with pytest.raises(ValueError, match="has \\(2,\\) rows, the shard holds 4"):
         write_shard(group, 0, rows)
     assert not completed_shards(group)[0]
+    with pytest.raises(ValueError, match="'image' rows are \\(8, 6\\), the store's \\(8, 8\\)"):
+        write_shard(group, 2, {**rows, "image": np.ones((2, 8, 6), np.float32)})
     # one chunk per sample, one shard object per shard
     image = zarr.open_group(str(tmp_path / "s.zarr"))["image"]
     assert image.chunks == (1, 8, 8) and image.shards == (4, 8, 8)
@@ -128,15 +130,26 @@ def _objects(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _negative_zeros(rows):
+    """``rows`` with one image all -0.0 among others and every dice -0.0: not the fill value 0 to
+    zarr (compared by bit pattern), so stored."""
+    rows["image"][1] = -0.0
+    rows["dice"][:] = -0.0
+    return rows
+
+
 @pytest.mark.parametrize("compression", ["fast", "small", "none"])
-@pytest.mark.parametrize("encoded", [True, False], ids=["encoded", "zarr-fallback"])
+@pytest.mark.parametrize("encoded", ["direct", "generic", "zarr-fallback"])
 def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path, monkeypatch, encoded, compression):
-    """The writer's own encoding (and its fallback through zarr, for codecs it does not run) stores
-    byte for byte what plain zarr slice assignment stores, rewrites and partial shards included,
-    whatever the store's compression."""
+    """The writer's own encoding (vectorized for the store's codecs, generic for other codecs, and
+    its fallback through zarr for codecs it does not run) stores byte for byte what plain zarr slice
+    assignment stores, rewrites, partial shards and -0.0 included, whatever the store's compression."""
     from engine.synthesis import store
 
-    if not encoded:
+    if encoded != "direct":
+        monkeypatch.setattr(store._RowShards, "of", classmethod(lambda cls, array, spec: None))
+        monkeypatch.setattr(store._WholeChunk, "of", classmethod(lambda cls, array, spec: None))
+    if encoded == "zarr-fallback":
         monkeypatch.setattr(store._ShardEncoder, "supports", staticmethod(lambda array, size: False))
     layout = StoreLayout(rows=11, height=8, width=6, shard_size=4)  # the last shard is partial (3 rows)
     fast, plain = tmp_path / "fast.zarr", tmp_path / "plain.zarr"
@@ -147,24 +160,56 @@ def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path, monkeypatch, 
                       "small": {"image": ["bytes", "zstd"], "label": ["bytes", "zstd"]},
                       "none": {"image": ["bytes"], "label": ["bytes"]}}[compression]
     writer = ShardWriter(groups[fast], layout)
-    assert len(writer.encoders) == (len(ShardWriter.NAMES) if encoded else 0)
-    assert (writer.marker_encoder is not None) == encoded
+    assert len(writer.encoders) == (0 if encoded == "zarr-fallback" else len(ShardWriter.NAMES))
+    assert (writer.marker_encoder is not None) == (encoded != "zarr-fallback")
+    direct = {name: type(encoder.direct).__name__ for name, encoder in writer.encoders.items()}
+    if encoded == "direct":
+        assert direct == {name: "_RowShards" if name in IMAGE_ARRAYS else "_WholeChunk" for name in ShardWriter.NAMES}
+        assert isinstance(writer.marker_encoder.direct, store._WholeChunk)
+    else:
+        assert set(direct.values()) <= {"NoneType"}
+    assert writer.folders is not None  # a local folder: written in the calling thread
     rng = np.random.default_rng(3)
     batches = [(0, _shard_rows(rng, 4, 8, 6)), (2, _shard_rows(rng, 3, 8, 6, empty_texts=True)),
                (1, _shard_rows(rng, 4, 8, 6, empty_images=True)),
-               (0, _shard_rows(rng, 4, 8, 6, empty_images=True, empty_texts=True))]  # a rewrite deletes objects
+               (0, _shard_rows(rng, 4, 8, 6, empty_images=True, empty_texts=True)),  # a rewrite deletes objects
+               (1, _negative_zeros(_shard_rows(rng, 4, 8, 6, empty_images=True))),
+               (2, _negative_zeros(_shard_rows(rng, 3, 8, 6)))]
     for shard, rows in batches:
         assert writer.write(shard, rows) == len(rows["dice"])
         _plain_zarr_write(groups[plain], layout, shard, rows)
         assert _objects(fast) == _objects(plain), f"after shard {shard}"
     writer.close()
-    assert not (fast / "image" / "c" / "1").exists() and not (fast / "skip_reason" / "c" / "2").exists()
+    assert not (fast / "image" / "c" / "0" / "0" / "0").exists() and (fast / "image" / "c" / "1" / "0" / "0").exists()
+    assert not (fast / "skip_reason" / "c" / "0").exists()
     # read back with plain zarr
-    stored, last = zarr.open_group(str(fast), mode="r"), batches[1][1]
+    stored, last = zarr.open_group(str(fast), mode="r"), batches[-1][1]
     assert completed_shards(stored).tolist() == [True, True, True]
     assert np.array_equal(stored["image"][8:11], last["image"]) and np.array_equal(stored["label"][8:11], last["label"])
+    assert np.signbit(stored["image"][9]).all() and np.signbit(stored["dice"][8:11]).all()
     assert [str(v) for v in stored["sample_id"][8:11]] == last["sample_id"]
     assert np.array_equal(stored["seed"][8:11], last["seed"]) and np.array_equal(stored["passed"][8:11], last["passed"])
+
+
+@pytest.mark.parametrize("compression", ["fast", "none"])
+def test_shard_writer_puts_through_zarr_outside_a_local_folder(compression):
+    """In any store but a local folder (here zarr's memory store; object storage, fsspec) the writer
+    puts the objects through zarr's IO loop: the same objects as plain zarr slice assignment."""
+    from zarr.storage import MemoryStore
+
+    layout = StoreLayout(rows=11, height=8, width=6, shard_size=4)
+    stores = {"writer": MemoryStore(), "plain": MemoryStore()}
+    groups = {name: create_store(s, layout, {}, compression=compression) for name, s in stores.items()}
+    writer = ShardWriter(groups["writer"], layout)
+    assert writer.folders is None
+    rng = np.random.default_rng(5)
+    for shard, rows in [(0, _shard_rows(rng, 4, 8, 6)), (2, _negative_zeros(_shard_rows(rng, 3, 8, 6))),
+                        (0, _shard_rows(rng, 4, 8, 6, empty_images=True, empty_texts=True))]:
+        writer.write(shard, rows)
+        _plain_zarr_write(groups["plain"], layout, shard, rows)
+        objects = {name: {key: value.to_bytes() for key, value in s._store_dict.items()} for name, s in stores.items()}
+        assert objects["writer"] == objects["plain"], f"after shard {shard}"
+    assert completed_shards(groups["writer"]).tolist() == [True, False, True]
 
 
 def test_shard_writer_marks_a_shard_only_once_all_of_it_is_stored():

@@ -148,7 +148,7 @@ def generate_in_batches(model, inputs: dict[str, Any], noise_seeds: list[int], b
                  for k in ("image", "mask", "condition")}
         batch["caption"] = [inputs["caption"][i] for i in idx]
         generators = [torch.Generator(device="cpu").manual_seed(int(noise_seeds[i])) for i in idx]
-        with autocast():
+        with torch.inference_mode(), autocast():  # no autograd bookkeeping at all (no_grad still keeps version counters)
             generated = model.generate(batch, generator=generators, **generate_kwargs)
         out[idx] = generated.float().cpu().numpy()
     return out
