@@ -112,6 +112,24 @@ def test_the_raycluster_has_a_cpu_head_autoscaled_gpu_workers_secrets_by_referen
     assert {c["workingDir"] for p in _pod_specs(cluster["spec"]).values() for c in p["containers"]} == {workdir}
 
 
+def test_every_node_keeps_idle_task_workers_as_the_local_instance_does():
+    """Ray's 1 s idle-worker limit restarts the synthesis pipeline's per-shard task workers on any
+    node running actors: every way the project starts a node raises it to the engine's minute."""
+    from engine.training.distributed import IDLE_WORKER_KEEP_MS
+
+    setting = f"RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_KEEP_MS}"
+    [cluster] = _load(KUBERAY / "raycluster.yaml")
+    for pod in _pod_specs(cluster["spec"]).values():
+        for container in pod["containers"]:
+            assert {f"{e['name']}={e['value']}" for e in container.get("env", [])} >= {setting}, container["name"]
+    assert f"ENV {setting}" in (ROOT / "cluster" / "Dockerfile").read_text()
+    aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in aws[key] if "ray start" in c]
+    assert len(starts) == 2 and all(setting in c for c in starts)
+    local = f'"RAY_idle_worker_killing_time_threshold_ms": "{IDLE_WORKER_KEEP_MS}"'
+    assert local in (ROOT / "cluster" / "local_cluster.py").read_text()
+
+
 def _set(path: str, value):
     def mutate(spec: dict) -> None:
         *parents, last = path.split("/")

@@ -266,6 +266,15 @@ def check_resumable(checkpoint: str, config: Mapping[str, Any], name: str, ignor
                          "checkpoints, or set ray.allow_config_change=true to continue it anyway")
 
 
+# Ray kills a worker process that has been idle for 1 s (its default) whenever a node runs more
+# worker processes than it has CPUs, and actors count: a synthesis node with its diffusion and filter
+# actors is always over, so every per-shard preparation and write task started a fresh Python
+# worker and imported the engine again (2-CPU node: 16 worker processes for 16 shards, ~30% of the
+# CPU; benchmarks/RESULTS.md). A minute keeps them between shards. Set for the local instance here,
+# as RAY_idle_worker_killing_time_threshold_ms on every node of a cluster (cluster/).
+IDLE_WORKER_KEEP_MS = 60_000
+
+
 def connect(address: str = "") -> None:
     """Connect this process to Ray: the given address, else ``RAY_ADDRESS`` (set for ``ray job submit``
     jobs), else a new single-node local instance bound to loopback only (nothing listens on a
@@ -278,7 +287,8 @@ def connect(address: str = "") -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
 
 
 def check_cluster_resources(cfg: RayTrainConfig) -> None:
