@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from engine.config import config_changes
+
 REAL = "real"  # the method name of the real-only baseline setting
 RESULT_KEYS = ("balanced_accuracy", "dice", "dice_tp", "accuracy")
 TRIAL_KEYS = (*RESULT_KEYS, "collapsed", "n_used", "n_available", "short", "tn", "fp", "fn", "tp", "run",
