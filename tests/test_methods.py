@@ -81,5 +81,5 @@ def test_paste_and_generator_stores_share_the_plan_and_the_filter(tmp_path_facto
     # the same run dir and store under another method is refused, not mixed
     other = tiny_config(base, Path(cfg.run_dir), ["synthesis.method=paste", "synthesis.threshold=-1.0",
                                                   "synthesis.max_candidates=8"])
-    with pytest.raises(ValueError, match="synthesis.method: None -> paste"):
+    with pytest.raises(ValueError, match="synthesis.method: None -> 'paste'"):
         synthesize(other, sequential=True, log=QUIET)
