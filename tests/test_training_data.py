@@ -21,14 +21,9 @@ from engine.io.splits import split_patients
 from engine.phantom import PhantomConfig, write_phantom_cohort
 from engine.training.data import (
     DownstreamData,
-    EdgeMap,
-    EdgeMapd,
-    InpaintingDataset,
-    SegmentationDataset,
     SliceArrays,
     SliceDataConfig,
     build_slice_arrays,
-    collate,
     concat,
     derive_seed,
     inpainting_arrays,
@@ -39,6 +34,7 @@ from engine.training.data import (
     split_arrays,
     synthesis_candidates,
 )
+from engine.training.datasets import EdgeMap, EdgeMapd, InpaintingDataset, SegmentationDataset, collate
 
 S = 96
 
@@ -475,3 +471,15 @@ def test_the_vae_folder_is_absolute_for_workers_in_other_folders(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert VAEStageConfig().folder("runs/demo") == tmp_path / "runs" / "demo" / "vae"
     assert VAEStageConfig(pretrained="models/vae").folder("runs/demo") == tmp_path / "models" / "vae"
+
+
+def test_the_synthesis_tasks_modules_import_neither_torch_nor_monai():
+    """Every per-shard preparation and write task worker imports these; MONAI alone costs ~7 s of
+    CPU per process (engine.training.datasets holds the MONAI layer)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import engine.synthesis.plan, engine.synthesis.actors, engine.synthesis.sink, "
+            "engine.training.data; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

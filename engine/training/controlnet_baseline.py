@@ -3,7 +3,7 @@
 One trained model serves both synthesis methods, ``controlnet`` (from pure noise) and
 ``controlnet-template`` (from the noised negative source slice); the model and how each samples:
 :mod:`engine.models.controlnet_baseline`. The training data are the generator's: the train patients'
-positive slices with their scar edge maps and captions (:class:`engine.training.data.InpaintingDataset`,
+positive slices with their scar edge maps and captions (:class:`engine.training.datasets.InpaintingDataset`,
 the same augmentation; the condition settings follow ``generator.model``), but nothing is masked:
 the loss is the diffusion MSE on the latents of the whole image, UNet and ControlNet trained together
 from scratch, no reward. The VAE is the run's (``vae.pretrained`` or ``<run_dir>/vae``), frozen; the
@@ -96,7 +96,7 @@ def controlnet_baseline_worker(config: dict[str, Any]) -> None:
     from engine.models.controlnet_baseline import ControlNetBaseline
     from engine.models.generator import GeneratorConfig
     from engine.training.checkpoint import export_model
-    from engine.training.data import InpaintingDataset, collate
+    from engine.training.datasets import InpaintingDataset, collate
     from engine.training.distributed import prepare
     from engine.training.generator import generator_data_config
     from engine.training.loop import train_epochs

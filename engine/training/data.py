@@ -9,9 +9,11 @@ Three layers, each usable alone:
    :func:`inpainting_arrays` (generator training on positive slices, DOMAIN.md section 4),
    :func:`synthesis_candidates` (negative slices + parametric scars for the synthesis stage) and
    :func:`mix_real_and_synthetic` (the downstream training set).
-3. Torch datasets with MONAI dictionary transforms: :class:`SegmentationDataset`,
-   :class:`InpaintingDataset`, the :class:`EdgeMap` / :class:`EdgeMapd` transforms that keep the
-   edge-map condition consistent with an augmented scar mask, and :func:`collate`.
+3. Torch datasets with MONAI dictionary transforms, in :mod:`engine.training.datasets`
+   (:class:`SegmentationDataset`, :class:`InpaintingDataset`, the :class:`EdgeMap` /
+   :class:`EdgeMapd` transforms, :func:`collate`). This module imports neither torch nor MONAI
+   (importing MONAI takes ~7 s of CPU): the synthesis plan, the settings and every Ray worker that
+   only needs arrays start without it.
 
 Shapes (``S`` = ``SliceDataConfig.crop_size``): images are channel-first ``[N, 1, S, S]``; labels
 ``[N, S, S]`` (DOMAIN labels 0-4); binary masks ``[N, 1, S, S]`` uint8 (0/1) in the numpy layers and
@@ -23,8 +25,8 @@ Example::
     cfg = SliceDataConfig(crop_size=96)
     arrays = build_slice_arrays(cohort.records, cfg, reference_angle=120.0)
     parts = split_arrays(arrays, SplitConfig(seed=0).split(patients_in(arrays)))
-    reward_train = SegmentationDataset(parts["train"], cfg, train=True, seed=0)
-    generator_train = InpaintingDataset(parts["train"], cfg, train=True, seed=0)
+    reward_train = datasets.SegmentationDataset(parts["train"], cfg, train=True, seed=0)
+    generator_train = datasets.InpaintingDataset(parts["train"], cfg, train=True, seed=0)
 """
 
 from __future__ import annotations
@@ -32,22 +34,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Hashable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
-import torch
-from monai.config import KeysCollection
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    MapTransform,
-    RandAffined,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    Transform,
-)
-from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
 from engine.anatomy.captions import caption
@@ -56,10 +45,9 @@ from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map
 from engine.io.crop import LVCentredCrop
 
 __all__ = [
-    "DownstreamData", "EdgeMap", "EdgeMapd", "InpaintingDataset", "SegmentationDataset", "SliceArrays",
-    "SliceDataConfig", "build_slice_arrays", "collate", "concat", "derive_seed", "dilate_masks",
-    "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity", "patients_in",
-    "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
+    "DownstreamData", "SliceArrays", "SliceDataConfig", "build_slice_arrays", "concat", "derive_seed",
+    "dilate_masks", "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity",
+    "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
     "synthesis_candidates",
 ]
 
@@ -591,220 +579,3 @@ def positive_weighted_sampler_weights(data: Any) -> np.ndarray:
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"cannot balance classes: {n_pos} positive and {n_neg} negative slices")
     return np.where(positive, 0.5 / n_pos, 0.5 / n_neg)
-
-
-# ---------------------------------------------------------------------------------------------------
-# transforms and datasets (torch, MONAI)
-
-
-class EdgeMap(Transform):
-    """Edge map of a channel-first binary mask [C, H, W] (or [H, W]), channel by channel
-    (:func:`engine.anatomy.edge_map`); same type (numpy or torch) and float dtype as a float input."""
-
-    backend = [torch.Tensor, np.ndarray]  # noqa: RUF012 (MONAI's convention)
-
-    def __init__(self, width: int = 1):
-        if width < 1:
-            raise ValueError(f"edge width must be >= 1 pixel, got {width}")
-        self.width = int(width)
-
-    def __call__(self, mask):
-        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        m = m > 0.5
-        if m.ndim == 2:
-            edges = edge_map(m, self.width)
-        elif m.ndim == 3:
-            edges = np.stack([edge_map(c, self.width) for c in m])
-        else:
-            raise ValueError(f"EdgeMap expects a mask [H, W] or [C, H, W], got shape {tuple(m.shape)}")
-        dtype = mask.dtype if (isinstance(mask, torch.Tensor) and mask.is_floating_point()) or (
-            isinstance(mask, np.ndarray) and np.issubdtype(mask.dtype, np.floating)) else None
-        return convert_to_dst_type(edges.astype(np.float32), dst=mask, dtype=dtype)[0]
-
-
-class EdgeMapd(MapTransform):
-    """Dictionary twin of :class:`EdgeMap`: the edge map of ``keys`` written to ``output_keys``
-    (default: in place). Used after a geometric transform so the condition follows the moved scar.
-
-    Args:
-        keys: the scar mask entries.
-        width: edge width in pixels.
-        output_keys: where each edge map goes, one per key; None overwrites the keys.
-    """
-
-    backend = EdgeMap.backend
-
-    def __init__(self, keys: KeysCollection, width: int = 1, output_keys: KeysCollection | None = None,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.edge = EdgeMap(width)
-        outs = self.keys if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
-        if len(outs) != len(self.keys):
-            raise ValueError(f"EdgeMapd: {len(self.keys)} keys but {len(outs)} output keys")
-        self.output_keys = outs
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key, out in self.key_iterator(d, self.output_keys):
-            d[out] = self.edge(d[key])
-        return d
-
-
-def _augmentations(cfg: SliceDataConfig, nearest_keys: Sequence[str]) -> list:
-    """Geometric transforms of ``image`` (bilinear) and ``nearest_keys``, then intensity transforms of
-    the image only. Every parameter is drawn each time (probability 1): the ranges include zero."""
-    keys = ["image", *nearest_keys]
-    out: list = [RandAffined(
-        keys=keys, prob=1.0, rotate_range=(math.radians(cfg.rotate_degrees),),
-        scale_range=(cfg.scale_range, cfg.scale_range), mode=["bilinear"] + ["nearest"] * len(nearest_keys),
-        padding_mode="zeros",
-    )]
-    if cfg.intensity_jitter > 0:
-        out += [RandScaleIntensityd(keys="image", factors=cfg.intensity_jitter, prob=1.0),
-                RandShiftIntensityd(keys="image", offsets=cfg.intensity_jitter, prob=1.0)]
-    if cfg.noise_std > 0:
-        out.append(RandGaussianNoised(keys="image", std=cfg.noise_std, prob=1.0))
-    return out
-
-
-class _AugmentedDataset(torch.utils.data.Dataset):
-    """Shared mechanics: a MONAI pipeline re-seeded per item from ``(seed, epoch, index)``."""
-
-    transform: Compose
-
-    def __init__(self, n: int, seed: int):
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"dataset seed must be a non-negative integer, got {seed!r}")
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw other augmentations in the next epoch (call before each epoch, like a DistributedSampler)."""
-        self.epoch = int(epoch)
-
-    def _transform(self, index: int, item: dict) -> dict:
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} items")
-        self.transform.set_random_state(seed=derive_seed(self.seed, self.epoch, index) % 2**32)
-        return self.transform(item)
-
-
-class SegmentationDataset(_AugmentedDataset):
-    """Image/label pairs for the segmentation models (reward and downstream).
-
-    Args:
-        data: :class:`SliceArrays`, :class:`DownstreamData` or a mapping with ``image`` [N, 1, S, S] in
-            [0, 1] and ``label`` [N, S, S].
-        cfg: augmentation settings (used when ``train`` and ``cfg.augment``).
-        train: training split (augmented) or not (returned as is).
-        seed: augmentation seed; item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
-
-    Items: ``{"image": float32 [1, S, S], "label": int64 [S, S]}``. Augmentation: affine with nearest
-    interpolation for the label, intensity scale/shift and Gaussian noise on the image (left unclipped,
-    as scanner intensities are).
-    """
-
-    def __init__(self, data: Any, cfg: SliceDataConfig | None = None, train: bool = False, seed: int = 0):
-        self.image, self.label = _image_label(data)
-        super().__init__(len(self.image), seed)
-        self.cfg = cfg or SliceDataConfig()
-        augment = train and self.cfg.augment
-        self.transform = Compose([
-            *(_augmentations(self.cfg, ["label"]) if augment else []),
-            EnsureTyped(keys=["image", "label"], data_type="tensor", dtype=torch.float32, track_meta=False),
-        ])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"image": self.image[index].astype(np.float32),
-                "label": self.label[index][None].astype(np.float32)}
-        out = self._transform(index, item)
-        return {"image": out["image"], "label": out["label"][0].round().long()}
-
-
-class InpaintingDataset(_AugmentedDataset):
-    """Generator training items from positive slices (DOMAIN.md section 4).
-
-    Args:
-        data: :class:`SliceArrays` (its positive slices are used, via :func:`inpainting_arrays`) or
-            the dictionary :func:`inpainting_arrays` returns.
-        cfg: condition kind, edge width and augmentation settings.
-        train: training split (augmented) or not.
-        seed: augmentation seed; item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
-
-    Items: ``image`` [1, S, S] in [-1, 1]; ``mask``, ``condition``, ``scar`` [1, S, S] (0/1);
-    ``masked_image`` [1, S, S]; all float32; ``caption`` and ``source`` strings.
-
-    Augmentation (when ``train`` and ``cfg.augment``) runs on the image in [0, 1] (so intensity jitter
-    means the same as for segmentation), then clips it to [0, 1] and maps it to [-1, 1], the range
-    the generator produces. Image bilinear, scar and inpainting mask nearest (both sample the same
-    points, so the mask still contains the scar); the condition is then recomputed from the moved
-    scar (:class:`EdgeMapd`, or the moved filled mask itself), so it always equals
-    ``edge_map(scar)``. The caption is the unaugmented slice's: the rotation is small enough
-    (``SliceDataConfig.rotate_degrees``) to keep the segments it names.
-    """
-
-    def __init__(self, data: Any, cfg: SliceDataConfig | None = None, train: bool = False, seed: int = 0):
-        self.cfg = cfg or SliceDataConfig()
-        self.arrays = inpainting_arrays(data, self.cfg) if isinstance(data, SliceArrays) else dict(data)
-        missing = {"image", "scar", "mask", "caption"} - set(self.arrays)
-        if missing:
-            raise ValueError(f"InpaintingDataset: inpainting arrays lack {sorted(missing)}")
-        n = len(self.arrays["image"])
-        super().__init__(n, seed)
-        self.sources = list(self.arrays.get("source", [f"item#{i}" for i in range(n)]))
-        augment = train and self.cfg.augment
-        transforms: list = []
-        if augment:
-            transforms += _augmentations(self.cfg, ["scar", "mask", "condition"] if self.cfg.condition == "mask" else ["scar", "mask"])
-            if self.cfg.condition == "edges":
-                transforms.append(EdgeMapd(keys="scar", width=self.cfg.edge_width, output_keys="condition"))
-        transforms.append(EnsureTyped(keys=["image", "scar", "mask", "condition"], data_type="tensor",
-                                      dtype=torch.float32, track_meta=False))
-        self.transform = Compose(transforms)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        a = self.arrays
-        scar = np.asarray(a["scar"][index], np.float32)
-        condition = a["condition"][index] if "condition" in a else _conditions(scar > 0.5, self.cfg)
-        item = {
-            "image": (np.asarray(a["image"][index], np.float32) + 1.0) / 2.0,
-            "scar": scar,
-            "mask": np.asarray(a["mask"][index], np.float32),
-            "condition": np.asarray(condition, np.float32),
-        }
-        out = self._transform(index, item)
-        image = out["image"].clamp(0.0, 1.0) * 2.0 - 1.0
-        return {
-            "image": image,
-            "mask": out["mask"],
-            "condition": out["condition"],
-            "scar": out["scar"],
-            "masked_image": masked_image(image, out["mask"]),
-            "caption": a["caption"][index],
-            "source": self.sources[index],
-        }
-
-
-def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch dataset items: tensors stacked along a new first axis, strings (captions, sources) kept as
-    lists, numbers as a tensor. All items must have the same keys."""
-    if not batch:
-        raise ValueError("collate: empty batch")
-    keys = list(batch[0])
-    out: dict[str, Any] = {}
-    for item in batch:
-        if list(item) != keys:
-            raise ValueError(f"collate: items disagree on keys: {keys} vs {list(item)}")
-    for key in keys:
-        values = [item[key] for item in batch]
-        if isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(values[0], str):
-            out[key] = list(values)
-        elif isinstance(values[0], (int, float, np.number)):
-            out[key] = torch.as_tensor(values)
-        else:
-            out[key] = list(values)
-    return out

@@ -138,7 +138,7 @@ def generator_worker(config: dict[str, Any]) -> None:
     import torch
 
     from engine.training.checkpoint import export_model
-    from engine.training.data import InpaintingDataset, collate
+    from engine.training.datasets import InpaintingDataset, collate
     from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
     from engine.training.runner import worker_setup

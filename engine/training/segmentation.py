@@ -70,7 +70,8 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
     """
     from engine.models.reward import targets_from_label
     from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, collate, positive_weighted_sampler_weights
+    from engine.training.data import positive_weighted_sampler_weights
+    from engine.training.datasets import SegmentationDataset, collate
     from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
 

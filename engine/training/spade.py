@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from engine.models.spade import CONTEXTS, SpadeConfig
-from engine.training.data import _augmentations, _AugmentedDataset
+from engine.training.datasets import _augmentations, _AugmentedDataset
 from engine.training.distributed import RayTrainConfig
 from engine.training.loop import TrainLoopConfig, require_epochs
 
@@ -165,7 +165,7 @@ def spade_worker(config: dict[str, Any]) -> None:
 
     from engine.models.spade import build_spade, inpainting_l1
     from engine.training.checkpoint import export_model
-    from engine.training.data import collate
+    from engine.training.datasets import collate
     from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
     from engine.training.runner import worker_setup

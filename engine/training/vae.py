@@ -73,7 +73,7 @@ def vae_worker(config: dict[str, Any]) -> None:
     from engine.evaluation.metrics import ssim
     from engine.models.vae import build_vae, measure_scaling_factor, vae_loss
     from engine.training.checkpoint import export_model
-    from engine.training.data import SegmentationDataset, collate
+    from engine.training.datasets import SegmentationDataset, collate
     from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
     from engine.training.runner import worker_setup
