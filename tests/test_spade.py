@@ -13,13 +13,20 @@ import zarr
 
 from engine.anatomy.labels import CAVITY, MYOCARDIUM, SCAR
 from engine.config import ConfigError, from_dict
-from engine.models.spade import SpadeConfig, build_spade, context_visibility, inpainting_l1, semantic_map
+from engine.models.spade import (
+    SpadeConfig,
+    build_spade,
+    context_visibility,
+    inpainting_l1,
+    semantic_map,
+)
 from engine.settings import EngineConfig
 from engine.synthesis.methods import method_actor
 from engine.synthesis.spade import SpadeActor
 from engine.training.checkpoint import export_model
 from engine.training.data import SliceArrays, SliceDataConfig, dilate_masks
-from engine.training.spade import SpadeDataset, SpadeStageConfig, spade_arrays
+from engine.training.datasets import SpadeDataset
+from engine.training.spade import SpadeStageConfig, spade_arrays
 
 S = 32
 MARGIN = 3

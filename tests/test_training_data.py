@@ -474,12 +474,14 @@ def test_the_vae_folder_is_absolute_for_workers_in_other_folders(tmp_path, monke
 
 
 def test_the_synthesis_tasks_modules_import_neither_torch_nor_monai():
-    """Every per-shard preparation and write task worker imports these; MONAI alone costs ~7 s of
-    CPU per process (engine.training.datasets holds the MONAI layer)."""
+    """Every per-shard preparation and write task worker imports these, and every command its
+    settings; MONAI alone costs ~7 s of CPU per process (engine.training.datasets holds the MONAI
+    layer, imported where a dataset is built)."""
     import subprocess
     import sys
 
     code = ("import sys; import engine.synthesis.plan, engine.synthesis.actors, engine.synthesis.sink, "
-            "engine.training.data; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+            "engine.training.data; print(sorted(m for m in ('torch', 'monai') if m in sys.modules)); "
+            "import engine.settings; print('monai' in sys.modules)")  # every command's config: torch, no MONAI
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "False"]

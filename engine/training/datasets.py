@@ -36,8 +36,10 @@ from engine.training.data import (
     inpainting_arrays,
     masked_image,
 )
+from engine.training.spade import ARRAY_KEYS as SPADE_ARRAY_KEYS
+from engine.training.spade import method_of
 
-__all__ = ["EdgeMap", "EdgeMapd", "InpaintingDataset", "SegmentationDataset", "collate"]
+__all__ = ["EdgeMap", "EdgeMapd", "InpaintingDataset", "SegmentationDataset", "SpadeDataset", "collate"]
 
 
 class EdgeMap(Transform):
@@ -228,6 +230,53 @@ class InpaintingDataset(_AugmentedDataset):
             "caption": a["caption"][index],
             "source": self.sources[index],
         }
+
+
+class SpadeDataset(_AugmentedDataset):
+    """Training items of one variant: ``{"image": [1, S, S] in [-1, 1], "seg": [5, S, S] (the semantic
+    map, :func:`engine.models.spade.semantic_map`), "mask": [1, S, S] (0/1)}``, float32 tensors.
+
+    Augmentation (when ``train`` and ``cfg.augment``) as the generator's: on the image in [0, 1],
+    label, scar and mask nearest (they sample the same points, so the mask still holds the scar);
+    the semantic map is built after it, from the moved label, scar and mask.
+
+    Args:
+        arrays: :func:`engine.training.spade.spade_arrays`.
+        cfg: augmentation settings.
+        context, limited_margin_px: the variant (:func:`engine.models.spade.context_visibility`).
+        train: augment or not.
+        seed: item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], cfg, context: str, limited_margin_px: int,
+                 train: bool = False, seed: int = 0):
+        method_of(context)
+        missing = set(SPADE_ARRAY_KEYS) - set(arrays)
+        if missing:
+            raise ValueError(f"SpadeDataset: arrays lack {sorted(missing)}")
+        self.arrays, self.context, self.margin = arrays, context, int(limited_margin_px)
+        super().__init__(len(arrays["image"]), seed)
+        augment = train and cfg.augment
+        self.transform = Compose([
+            *(_augmentations(cfg, ["label", "scar", "mask"]) if augment else []),
+            EnsureTyped(keys=list(SPADE_ARRAY_KEYS), data_type="tensor", dtype=torch.float32, track_meta=False),
+        ])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        from engine.models.spade import semantic_map
+
+        a = self.arrays
+        item = {"image": (np.asarray(a["image"][index], np.float32) + 1.0) / 2.0,
+                "label": np.asarray(a["label"][index], np.float32)[None],
+                "scar": np.asarray(a["scar"][index], np.float32), "mask": np.asarray(a["mask"][index], np.float32)}
+        out = self._transform(index, item)
+        image = out["image"].clamp(0.0, 1.0) * 2.0 - 1.0
+        label = out["label"][0].round().numpy().astype(np.uint8)
+        scar, mask = out["scar"].numpy() > 0.5, out["mask"].numpy() > 0.5
+        seg = semantic_map(image.numpy()[None], label[None], scar[None], mask[None], self.context, self.margin)[0]
+        return {"image": image, "seg": torch.from_numpy(seg), "mask": torch.from_numpy(mask.astype(np.float32))}
 
 
 def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

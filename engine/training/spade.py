@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from engine.models.spade import CONTEXTS, SpadeConfig
-from engine.training.datasets import _augmentations, _AugmentedDataset
 from engine.training.distributed import RayTrainConfig
 from engine.training.loop import TrainLoopConfig, require_epochs
 
@@ -89,56 +88,6 @@ def spade_arrays(arrays, data_cfg) -> dict[str, np.ndarray]:
     return {k: np.asarray(items[k]) for k in ARRAY_KEYS}
 
 
-class SpadeDataset(_AugmentedDataset):
-    """Training items of one variant: ``{"image": [1, S, S] in [-1, 1], "seg": [5, S, S] (the semantic
-    map, :func:`engine.models.spade.semantic_map`), "mask": [1, S, S] (0/1)}``, float32 tensors.
-
-    Augmentation (when ``train`` and ``cfg.augment``) as the generator's: on the image in [0, 1],
-    label, scar and mask nearest (they sample the same points, so the mask still holds the scar);
-    the semantic map is built after it, from the moved label, scar and mask.
-
-    Args:
-        arrays: :func:`spade_arrays`.
-        cfg: augmentation settings.
-        context, limited_margin_px: the variant (:func:`engine.models.spade.context_visibility`).
-        train: augment or not.
-        seed: item ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray], cfg, context: str, limited_margin_px: int,
-                 train: bool = False, seed: int = 0):
-        import torch
-        from monai.transforms import Compose, EnsureTyped
-
-        method_of(context)
-        missing = set(ARRAY_KEYS) - set(arrays)
-        if missing:
-            raise ValueError(f"SpadeDataset: arrays lack {sorted(missing)}")
-        self.arrays, self.context, self.margin = arrays, context, int(limited_margin_px)
-        super().__init__(len(arrays["image"]), seed)
-        augment = train and cfg.augment
-        self.transform = Compose([
-            *(_augmentations(cfg, ["label", "scar", "mask"]) if augment else []),
-            EnsureTyped(keys=list(ARRAY_KEYS), data_type="tensor", dtype=torch.float32, track_meta=False),
-        ])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        import torch
-
-        from engine.models.spade import semantic_map
-
-        a = self.arrays
-        item = {"image": (np.asarray(a["image"][index], np.float32) + 1.0) / 2.0,
-                "label": np.asarray(a["label"][index], np.float32)[None],
-                "scar": np.asarray(a["scar"][index], np.float32), "mask": np.asarray(a["mask"][index], np.float32)}
-        out = self._transform(index, item)
-        image = out["image"].clamp(0.0, 1.0) * 2.0 - 1.0
-        label = out["label"][0].round().numpy().astype(np.uint8)
-        scar, mask = out["scar"].numpy() > 0.5, out["mask"].numpy() > 0.5
-        seg = semantic_map(image.numpy()[None], label[None], scar[None], mask[None], self.context, self.margin)[0]
-        return {"image": image, "seg": torch.from_numpy(seg), "mask": torch.from_numpy(mask.astype(np.float32))}
-
-
 def spade_validation(net, arrays: dict[str, np.ndarray], context: str, limited_margin_px: int, device,
                      max_slices: int = 64) -> dict[str, float]:
     """L1 (whole image and inside the region to synthesize) and mean SSIM in [0, 1] units of the
@@ -165,7 +114,7 @@ def spade_worker(config: dict[str, Any]) -> None:
 
     from engine.models.spade import build_spade, inpainting_l1
     from engine.training.checkpoint import export_model
-    from engine.training.datasets import collate
+    from engine.training.datasets import SpadeDataset, collate
     from engine.training.distributed import prepare
     from engine.training.loop import train_epochs
     from engine.training.runner import worker_setup
