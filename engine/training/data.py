@@ -21,6 +21,8 @@ float ``[1, S, S]`` tensors from the datasets.
 
 Example::
 
+    from engine.training import datasets
+
     cohort = load_cohort(CohortConfig(root="data/phantom"))
     cfg = SliceDataConfig(crop_size=96)
     arrays = build_slice_arrays(cohort.records, cfg, reference_angle=120.0)
