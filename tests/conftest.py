@@ -76,9 +76,12 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
     # No drain on SIGTERM (default: up to 30 s per node, meant for Serve replicas on Kubernetes).
     # The GCS declares a node dead after 5 failed health checks, every 1 s here instead of 3 s (a
     # killed worker node is noticed in ~5 s, not ~15 s).
-    # Idle workers kept a minute, as the engine's clusters do (engine.training.distributed.IDLE_WORKER_KEEP_MS).
+    # Idle workers kept as long as the engine's clusters keep them.
+    from engine.training.distributed import IDLE_WORKER_KEEP_MS
+
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_health_check_period_ms": "1000",
-           "RAY_health_check_failure_threshold": "5", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+           "RAY_health_check_failure_threshold": "5",
+           "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS)}
     # Ports Ray otherwise takes by fixed default (dashboard agent 52365, client server 10001): free
     # ones, so the test cluster starts beside any other Ray instance on the machine.
     ip = next(a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address="))
