@@ -270,6 +270,38 @@ def test_generate_encodes_a_shared_source_once_and_maps_it_back():
         assert torch.allclose(together[i:i + 1], alone, atol=1e-4), i
 
 
+def test_channels_last_placement_generates_and_segments_the_same():
+    """The actors' default placement (engine.synthesis.actors.place_model): every convolution's
+    weight in channels-last layout, the same images and reward predictions up to float rounding."""
+    import copy
+
+    from engine.models.reward import predict_scar
+    from engine.synthesis.actors import place_model
+
+    torch.manual_seed(0)
+    model = LGESynthNet(tiny_config()).eval()
+    randomize_zero_convs(model)
+    batch = make_batch(model, batch=3)
+    seeds = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    with torch.inference_mode():
+        reference = model.generate(batch, num_inference_steps=2, generator=seeds())
+    fast = place_model(copy.deepcopy(model), "cpu")
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                         if w.shape[2:] != (1, 1) and w.shape[1] > 1)
+    with torch.inference_mode():
+        out = fast.generate(batch, num_inference_steps=2, generator=seeds())
+    assert torch.allclose(out, reference, atol=1e-4) and not torch.equal(out, batch["image"])
+    assert place_model(model, "cpu", channels_last=False) is model and model.unet.conv_in.weight.is_contiguous()
+
+    reward = tiny_reward_model().eval()
+    images = batch["image"]
+    with torch.inference_mode():
+        probs, _ = predict_scar(reward, images)
+        probs_fast, _ = predict_scar(place_model(copy.deepcopy(reward), "cpu"), images)
+    assert torch.allclose(probs_fast, probs, atol=1e-5)
+
+
 def test_generate_with_guidance_and_under_bf16_autocast():
     model = LGESynthNet(tiny_config(guidance_scale=2.0, caption_dropout=0.1)).eval()
     randomize_zero_convs(model)

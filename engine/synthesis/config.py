@@ -44,6 +44,9 @@ class ActorPoolConfig:
         dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32" or "bfloat16".
         torch_threads: intra-op threads of torch in each actor (0: leave torch's default); on a
             small CPU machine one thread per actor avoids oversubscription.
+        channels_last: the model's convolutions in channels-last memory layout (same results up to
+            float rounding; on 2 CPU cores 1.14x the diffusion actor's images/s and 1.29x the
+            reward model's, benchmarks/RESULTS.md; the layout GPU tensor cores prefer).
     """
 
     actors: int = 1
@@ -51,6 +54,7 @@ class ActorPoolConfig:
     num_gpus: float = 0.0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     torch_threads: int = 1
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.actors < 1:

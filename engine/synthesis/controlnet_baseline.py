@@ -76,19 +76,19 @@ class ControlNetBaselineActor:
         batch_size: candidates per ``generate`` call.
         num_inference_steps: sampler steps of the full schedule (0: the model's own).
         template_strength: ``controlnet-template``'s start, in (0, 1]; ignored by ``controlnet``.
-        num_gpus, dtype, torch_threads: as :class:`engine.synthesis.config.ActorPoolConfig`.
+        num_gpus, dtype, torch_threads, channels_last: as :class:`engine.synthesis.config.ActorPoolConfig`.
     """
 
     def __init__(self, controlnet_folder: str, vae_folder: str, method: str, batch_size: int,
                  num_inference_steps: int = 0, template_strength: float = 0.6, num_gpus: float = 0.0,
-                 dtype: str = "auto", torch_threads: int = 1):
-        from engine.synthesis.actors import _device_and_autocast, _set_threads
+                 dtype: str = "auto", torch_threads: int = 1, channels_last: bool = True):
+        from engine.synthesis.actors import _device_and_autocast, _set_threads, place_model
 
         self.method, self.strength = method, method_strength(method, template_strength)
         _set_threads(torch_threads)
         self.device, self.autocast = _device_and_autocast(num_gpus, dtype)
         model, _ = load_controlnet_baseline(controlnet_folder, vae_folder)
-        self.model = model.to(self.device)
+        self.model = place_model(model, self.device, channels_last)
         self.batch_size = int(batch_size)
         self.steps = num_inference_steps or None
 

@@ -197,7 +197,7 @@ class SynthesisJob:
 
         syn = self.syn
         pool = {"batch_size": syn.batch_size, "num_gpus": syn.diffusion.num_gpus, "dtype": syn.diffusion.dtype,
-                "torch_threads": syn.diffusion.torch_threads}
+                "torch_threads": syn.diffusion.torch_threads, "channels_last": syn.diffusion.channels_last}
         if syn.method == "paste":
             diffusion: dict[str, Any] = {"paste": to_dict(syn.paste)}
         elif syn.method in SPADE_METHODS:
@@ -211,7 +211,8 @@ class SynthesisJob:
                          "num_inference_steps": syn.num_inference_steps, **pool}
         filt = {"reward_folder": str(self.reward_folder), "threshold": syn.threshold,
                 "keep_rejected": syn.keep_rejected, "batch_size": syn.batch_size, "num_gpus": syn.filter.num_gpus,
-                "dtype": syn.filter.dtype, "torch_threads": syn.filter.torch_threads}
+                "dtype": syn.filter.dtype, "torch_threads": syn.filter.torch_threads,
+                "channels_last": syn.filter.channels_last}
         return diffusion, filt
 
     # ------------------------------------------------------------------------------------ runs

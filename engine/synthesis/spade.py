@@ -64,17 +64,17 @@ class SpadeActor:
         spade_folder: the exported model (``<run_dir>/spade-fc`` or ``spade-lc``).
         method: "spade-fc" or "spade-lc"; the model's context must match.
         batch_size: candidates per forward pass.
-        num_gpus, dtype, torch_threads: as :class:`engine.synthesis.config.ActorPoolConfig`.
+        num_gpus, dtype, torch_threads, channels_last: as :class:`engine.synthesis.config.ActorPoolConfig`.
     """
 
     def __init__(self, spade_folder: str, method: str, batch_size: int, num_gpus: float = 0.0, dtype: str = "auto",
-                 torch_threads: int = 1):
-        from engine.synthesis.actors import _device_and_autocast, _set_threads
+                 torch_threads: int = 1, channels_last: bool = True):
+        from engine.synthesis.actors import _device_and_autocast, _set_threads, place_model
 
         _set_threads(torch_threads)
         self.device, self.autocast = _device_and_autocast(num_gpus, dtype)
         model, record = load_spade(spade_folder, method)
-        self.model = model.to(self.device)
+        self.model = place_model(model, self.device, channels_last)
         self.method, self.context = method, record["context"]
         self.limited_margin_px, self.crop_size = int(record["limited_margin_px"]), int(record["crop_size"])
         self.batch_size = int(batch_size)

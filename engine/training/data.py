@@ -47,8 +47,8 @@ from engine.anatomy.masks import ScarSamplerConfig, apply_scar, edge_map
 from engine.io.crop import LVCentredCrop
 
 __all__ = [
-    "DownstreamData", "SliceArrays", "SliceDataConfig", "build_slice_arrays", "concat", "derive_seed",
-    "dilate_masks", "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity",
+    "DownstreamData", "SliceArrays", "SliceDataConfig", "build_slice_arrays", "concat", "conditions", "derive_seed",
+    "dilate_masks", "image_label", "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity",
     "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
     "synthesis_candidates",
 ]
@@ -339,7 +339,7 @@ def dilate_masks(masks: np.ndarray, pixels: int) -> np.ndarray:
     return ndimage.binary_dilation(masks, structure=structure, iterations=pixels)
 
 
-def _conditions(scar: np.ndarray, cfg: SliceDataConfig) -> np.ndarray:
+def conditions(scar: np.ndarray, cfg: SliceDataConfig) -> np.ndarray:
     """The generator's condition for scar masks [N, H, W]: edge maps, or the filled masks."""
     if cfg.condition == "mask":
         return scar.copy()
@@ -386,7 +386,7 @@ def inpainting_arrays(arrays: SliceArrays, cfg: SliceDataConfig | None = None) -
         "image": image,
         "scar": scar[:, None].astype(np.uint8),
         "mask": mask[:, None].astype(np.uint8),
-        "condition": _conditions(scar, cfg)[:, None].astype(np.uint8),
+        "condition": conditions(scar, cfg)[:, None].astype(np.uint8),
         "masked_image": masked_image(image, mask[:, None].astype(np.float32)),
         "label": pos.label,
         "caption": pos.caption,
@@ -555,7 +555,7 @@ def mix_real_and_synthetic(real: SliceArrays, synthetic: Mapping[str, Any] | Non
     )
 
 
-def _image_label(data: Any) -> tuple[np.ndarray, np.ndarray]:
+def image_label(data: Any) -> tuple[np.ndarray, np.ndarray]:
     """(image, label) of SliceArrays, DownstreamData or a mapping with those keys."""
     if isinstance(data, Mapping):
         image, label = np.asarray(data["image"]), np.asarray(data["label"])
@@ -574,7 +574,7 @@ def positive_weighted_sampler_weights(data: Any) -> np.ndarray:
     Raises:
         ValueError: no positive or no negative slice (nothing to balance).
     """
-    _, label = _image_label(data)
+    _, label = image_label(data)
     positive = scar_region(label).any(axis=(1, 2))
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos

@@ -30,9 +30,9 @@ from engine.anatomy.masks import edge_map
 from engine.training.data import (
     SliceArrays,
     SliceDataConfig,
-    _conditions,
-    _image_label,
+    conditions,
     derive_seed,
+    image_label,
     inpainting_arrays,
     masked_image,
 )
@@ -152,7 +152,7 @@ class SegmentationDataset(_AugmentedDataset):
     """
 
     def __init__(self, data: Any, cfg: SliceDataConfig | None = None, train: bool = False, seed: int = 0):
-        self.image, self.label = _image_label(data)
+        self.image, self.label = image_label(data)
         super().__init__(len(self.image), seed)
         self.cfg = cfg or SliceDataConfig()
         augment = train and self.cfg.augment
@@ -212,7 +212,7 @@ class InpaintingDataset(_AugmentedDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         a = self.arrays
         scar = np.asarray(a["scar"][index], np.float32)
-        condition = a["condition"][index] if "condition" in a else _conditions(scar > 0.5, self.cfg)
+        condition = a["condition"][index] if "condition" in a else conditions(scar > 0.5, self.cfg)
         item = {
             "image": (np.asarray(a["image"][index], np.float32) + 1.0) / 2.0,
             "scar": scar,
