@@ -7,10 +7,12 @@ downloaded. The text encoder is the config's when its folder exists, else a one-
 the same width on the packaged tokenizer (captions are encoded once and cached, outside the timed
 steps). Networks run under bf16 autocast on CUDA (float32 on CPU); ``cudnn.benchmark`` is on.
 
-Per batch size: ``generate`` is warmed up once, then timed ``--repeats`` times (median, synchronized);
-one denoising step (``predict_noise``: ControlNet + UNet) is timed alone and its FLOPs counted with
-``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; a multiply-add is 2
-FLOPs), so TFLOP/s = FLOPs / step time. ``--tiny --device cpu`` checks the script on CPU in seconds.
+Every batch size runs in each of ``--layouts``: the weights in channels-last memory layout (what
+the synthesis actors run, ``synthesis.diffusion.channels_last``) and in torch's default
+(contiguous) layout. Per batch size and layout: ``generate`` is warmed up once, then timed
+``--repeats`` times (median, synchronized); one denoising step (``predict_noise``: ControlNet +
+UNet) is timed alone and its FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions, attention; a multiply-add is 2 FLOPs), so TFLOP/s = FLOPs / step time. ``--tiny --device cpu`` checks the script on CPU in seconds.
 Batch sizes still to run are skipped once ``--budget-s`` has passed.
 
 Usage: python benchmarks/bench_gpu_synthesis.py --out gpu_synthesis.json [--batch-sizes 1,4,16,64] [--steps 20]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import statistics
@@ -48,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (median)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's dense bf16 peak (default: looked up from the device name)")
+    parser.add_argument("--layouts", default="channels-last,contiguous",
+                        help="weight layouts to sweep, comma-separated: channels-last (the actors'), contiguous")
     parser.add_argument("--budget-s", type=float, default=180.0, help="skip remaining batch sizes after this")
     parser.add_argument("--tokenizer", default="",
                         help="folder of a BERT tokenizer for the random text encoder (default: the packaged MiniLM's)")
@@ -148,6 +153,10 @@ def main(args: argparse.Namespace) -> dict:
     device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
     peak = args.peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if cuda and key in device_name), 0.0)
     sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,4,16,64")).split(",")]
+    layouts = {"channels-last": torch.channels_last, "contiguous": torch.contiguous_format}
+    unknown = sorted(set(args.layouts.split(",")) - set(layouts))
+    if unknown:
+        raise SystemExit(f"--layouts: unknown {', '.join(unknown)}; known: {', '.join(layouts)}")
     model, crop, text_note = build_model(args)
     params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "controlnet", "vae")}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
@@ -155,9 +164,10 @@ def main(args: argparse.Namespace) -> dict:
           f"{args.steps} steps; parameters {params}; text encoder: {text_note}", flush=True)
 
     results = []
-    for batch_size in sizes:
+    for batch_size, layout in itertools.product(sizes, args.layouts.split(",")):
+        model.to(memory_format=layouts[layout])
         if time.perf_counter() - begin > args.budget_s:
-            print(f"batch {batch_size}: skipped (--budget-s {args.budget_s:g} s spent)", flush=True)
+            print(f"{layout}, batch {batch_size}: skipped (--budget-s {args.budget_s:g} s spent)", flush=True)
             continue
         try:
             batch = make_batch(model, batch_size, crop, args.device)
@@ -182,18 +192,19 @@ def main(args: argparse.Namespace) -> dict:
                 step()
             flops = counter.get_total_flops()
         except torch.cuda.OutOfMemoryError as exc:
-            print(f"batch {batch_size}: out of memory ({exc})", flush=True)
+            print(f"{layout}, batch {batch_size}: out of memory ({exc})", flush=True)
             torch.cuda.empty_cache()
             continue
         tflops = flops / t_step / 1e12
-        row = {"batch_size": batch_size, "generate_s": t_generate, "images_per_s": batch_size / t_generate,
+        row = {"layout": layout, "batch_size": batch_size, "generate_s": t_generate,
+               "images_per_s": batch_size / t_generate,
                "step_s": t_step, "step_gflop": flops / 1e9, "step_tflops": tflops,
                "mfu": tflops / peak if peak else None,
                "steps_share_of_generate": args.steps * t_step / t_generate,
                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
         results.append(row)
-        print(f"batch {batch_size}: generate {t_generate:.3f} s = {row['images_per_s']:.1f} images/s; one denoising "
-              f"step {t_step * 1e3:.2f} ms, {flops / 1e9:.3g} GFLOP = {tflops:.3g} TFLOP/s"
+        print(f"{layout}, batch {batch_size}: generate {t_generate:.3f} s = {row['images_per_s']:.1f} images/s; "
+              f"one denoising step {t_step * 1e3:.2f} ms, {flops / 1e9:.3g} GFLOP = {tflops:.3g} TFLOP/s"
               + (f" ({100 * tflops / peak:.1f}% of peak)" if peak else "")
               + f"; {args.steps} steps = {100 * row['steps_share_of_generate']:.0f}% of generate", flush=True)
     report = {"device": device_name, "peak_tflops_bf16": peak or None, "config": args.config, "tiny": args.tiny,

@@ -18,8 +18,9 @@ Every pipeline run writes a fresh store. Figures (``--only`` picks some):
 3. End-to-end pipeline vs the same pipeline with the filter pool and the Zarr writer replaced by a
    sink that drops the generated rows: the ratio is what filtering and writing add to generation,
    over the whole run and in the steady state (as figure 1).
-4. Peak RSS (VmHWM) of the driver and of the Ray worker processes for N and 10N candidates, each run
-   in a fresh process with its own Ray instance (``--rss-steps`` sampler steps to keep 10N short).
+4. Peak RSS (VmHWM) by process role (driver, diffusion actor, filter actor, task workers of the
+   preparation and write tasks, Ray's own actors and agents) for N and 10N candidates, each run in a
+   fresh process with its own Ray instance (``--rss-steps`` sampler steps to keep 10N short).
 5. Zarr write throughput (``create_store`` + ``ShardWriter``) vs a raw fsspec ``pipe`` of the same
    encoded objects, shard by shard (its objects, then its marker), to a local folder and to S3 (moto
    server on 127.0.0.2); and vs the same pipe plus plain numcodecs encoding of the same chunks (the
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -424,22 +426,23 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _peak_rss_kib(pid: int) -> tuple[int, str]:
-    """VmHWM (peak resident set, KiB) and the process title (Ray workers set ``ray::<name>``)."""
+def _memory_kib(pid: int) -> tuple[dict[str, int], str]:
+    """``VmHWM`` (peak resident set), ``RssAnon`` (resident private memory now: the process's own
+    heap) and ``RssShmem`` (resident shared memory now: the pages of Ray's object store it has read)
+    in KiB, and the process title (Ray workers set ``ray::<name>``)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
-        return 0, ""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]), title
-    return 0, title
+        return {}, ""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) for key in ("VmHWM", "RssAnon", "RssShmem") if key in fields}, title
 
 
 class PeakRSS:
-    """Samples VmHWM of this process and all its descendants (the Ray processes a local ``ray.init``
-    starts) every ``interval`` s, keeping each process's last value (VmHWM only grows)."""
+    """Samples the memory of this process and all its descendants (the Ray processes a local
+    ``ray.init`` starts) every ``interval`` s: each process's peak RSS (VmHWM, kept by the kernel)
+    and the peaks of its private (RssAnon) and shared (RssShmem) resident memory as sampled."""
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.peaks, self.titles = interval, {}, {}
@@ -448,11 +451,12 @@ class PeakRSS:
 
     def sample(self) -> None:
         for pid in _descendants(os.getpid()):
-            kib, title = _peak_rss_kib(pid)
-            if kib:
-                self.peaks[pid] = max(kib, self.peaks.get(pid, 0))
-                if "Actor" not in self.titles.get(pid, ""):  # an actor's class name, once seen, names it
-                    self.titles[pid] = title
+            kib, title = _memory_kib(pid)
+            if kib.get("VmHWM"):
+                peaks = self.peaks.setdefault(pid, {})
+                for key, value in kib.items():
+                    peaks[key] = max(value, peaks.get(key, 0))
+                self.titles.setdefault(pid, set()).add(title)  # a worker's title changes with its task
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -467,16 +471,34 @@ class PeakRSS:
         self._thread.join()
         self.sample()
 
-    def by_role(self) -> dict[str, float]:
-        """Largest peak (MiB) per role: driver, diffusion actor, filter actor, other Ray workers, Ray system."""
+    def role(self, pid: int) -> str:
+        """What process ``pid`` was, from every title it had."""
+        titles = " ".join(sorted(self.titles.get(pid, ())))
+        if pid == os.getpid():
+            return "driver"
+        for name, role in (("DiffusionActor", "diffusion actor"), ("FilterActor", "filter actor")):
+            if name in titles:
+                return role
+        if re.search(r"ray::(IDLE|MapBatches|Write|Map\b)", titles):  # Ray Data's tasks run in these
+            return "task worker"
+        if "ray::" in titles:  # Ray's own actors and agents (Ray Data's stats and locality actors, ...)
+            return "Ray's own actors"
+        return "Ray system (raylet, GCS, ...)"
+
+    def by_role(self, key: str = "VmHWM") -> dict[str, float]:
+        """Largest peak ``key`` (MiB) per role: driver, diffusion actor, filter actor, task workers
+        (preparation and write tasks), Ray's own actors and agents, Ray system processes."""
         roles: dict[str, float] = {}
-        for pid, kib in self.peaks.items():
-            title = self.titles.get(pid, "")
-            role = ("driver" if pid == os.getpid() else "diffusion actor" if "DiffusionActor" in title
-                    else "filter actor" if "FilterActor" in title else "other Ray worker" if title.startswith("ray::")
-                    else "Ray system (raylet, GCS, ...)")
-            roles[role] = max(roles.get(role, 0.0), kib / 1024)
+        for pid, peaks in self.peaks.items():
+            role = self.role(pid)
+            roles[role] = max(roles.get(role, 0.0), peaks.get(key, 0) / 1024)
         return roles
+
+    def largest(self, role: str) -> str:
+        """The titles of the process with the largest peak RSS in ``role`` (which one it was)."""
+        pids = [pid for pid in self.peaks if self.role(pid) == role]
+        top = max(pids, key=lambda pid: self.peaks[pid]["VmHWM"]) if pids else None
+        return " | ".join(sorted(self.titles[top]))[:160] if pids else ""
 
 
 def rss_child(base: Path, args) -> None:
@@ -493,7 +515,9 @@ def rss_child(base: Path, args) -> None:
         rss.sample()
     disconnect_ray()
     print("RSS_RESULT " + json.dumps({"written": summary["written"], "seconds": summary["seconds"],
-                                      "roles": rss.by_role()}), flush=True)
+                                      "roles": rss.by_role(), "private": rss.by_role("RssAnon"),
+                                      "shared": rss.by_role("RssShmem"), "ray_actors": rss.largest("Ray's own actors")}),
+          flush=True)
 
 
 def figure_peak_rss(base: Path, args, lines: list) -> None:
@@ -509,15 +533,18 @@ def figure_peak_rss(base: Path, args, lines: list) -> None:
         if proc.returncode or not found:
             raise RuntimeError(f"figure 4 run of {n} candidates failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         results[n] = json.loads(found[-1].split(" ", 1)[1])
-        roles = ", ".join(f"{role} {mib:.0f} MiB" for role, mib in sorted(results[n]["roles"].items()))
+        roles = ", ".join(f"{role} {mib:.0f} ({results[n]['private'][role]:.0f} private, "
+                          f"{results[n]['shared'][role]:.0f} shared) MiB"
+                          for role, mib in sorted(results[n]["roles"].items()))
         print(f"[4] {results[n]['written']} candidates ({args.rss_steps} steps, {results[n]['seconds']:.1f} s): "
-              f"peak RSS {roles}", flush=True)
-    small, large = results[args.rss_candidates]["roles"], results[10 * args.rss_candidates]["roles"]
-    for role in ("driver", "diffusion actor", "filter actor", "other Ray worker"):
-        if role in small and role in large:
-            add(lines, 4, ratio_line(f"peak RSS {role}, {args.rss_candidates} vs {10 * args.rss_candidates} candidates",
-                                    f"{small[role]:.0f} MiB vs {large[role]:.0f} MiB", "10N within 10% of N",
-                                    large[role] / small[role]))
+              f"peak RSS {roles} (the largest of Ray's own: {results[n]['ray_actors']})", flush=True)
+    small, large = results[args.rss_candidates], results[10 * args.rss_candidates]
+    for role in ("driver", "diffusion actor", "filter actor", "task worker", "Ray's own actors"):
+        if role in small["roles"] and role in large["roles"]:
+            for key, what in (("roles", "peak RSS"), ("private", "peak private RSS (RssAnon)")):
+                add(lines, 4, ratio_line(f"{what} {role}, {args.rss_candidates} vs {10 * args.rss_candidates} candidates",
+                                        f"{small[key][role]:.0f} MiB vs {large[key][role]:.0f} MiB",
+                                        "10N within 10% of N", large[key][role] / small[key][role]))
 
 
 # ------------------------------------------------------------------------------------------ figure 5
