@@ -263,26 +263,16 @@ class DroppingDatasink:
 
 
 def generation_only(job) -> tuple[float, list[float]]:
-    """Seconds of prepare -> DiffusionActor pool -> a dropping sink over all shards of ``job`` (the
-    stages of :meth:`SynthesisJob.dataset` before the filter pool, same resources), and the times
-    the shards reached the sink."""
-    import ray
-
-    from engine.synthesis.actors import DiffusionActor, prepare_shards
+    """Seconds of the pipeline of ``job`` without its filter pool (``SynthesisJob.dataset(...,
+    filtered=False)``: preparation tasks and the diffusion actor pool, same resources) into a
+    dropping sink, over all shards, and the times the shards reached the sink."""
     from engine.synthesis.pipeline import check_pools_fit
 
-    syn, todo = job.syn, list(range(job.layout.shards))
     start = time.perf_counter()
-    check_pools_fit(syn)
-    diffusion_args, _ = job.actor_args()
-    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=max(1, len(todo)))
-    ds = ds.map_batches(prepare_shards, batch_size=1, fn_kwargs={"context": ray.put(job.context)},
-                        num_cpus=syn.prepare_cpus)
-    ds = ds.map_batches(DiffusionActor, batch_size=1, fn_constructor_kwargs=diffusion_args,
-                        compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
-                        num_gpus=syn.diffusion.num_gpus or None)
+    check_pools_fit(job.syn)
     sink = DroppingDatasink.make()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": syn.prepare_cpus})
+    job.dataset(list(range(job.layout.shards)), filtered=False).write_datasink(
+        sink, ray_remote_args={"num_cpus": job.syn.prepare_cpus})
     return time.perf_counter() - start, sink.times
 
 

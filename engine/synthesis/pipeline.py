@@ -216,8 +216,9 @@ class SynthesisJob:
         return diffusion, filt
 
     # ------------------------------------------------------------------------------------ runs
-    def dataset(self, todo: list[int]):
-        """The lazy Ray Dataset of the pipeline over shards ``todo`` (one row per shard)."""
+    def dataset(self, todo: list[int], filtered: bool = True):
+        """The lazy Ray Dataset of the pipeline over shards ``todo`` (one row per shard); without
+        ``filtered``, the generated rows before the filter pool (what generation alone makes)."""
         import ray
 
         from engine.synthesis.actors import FilterActor, prepare_shards
@@ -231,6 +232,8 @@ class SynthesisJob:
         ds = ds.map_batches(method_actor(syn.method), batch_size=1, fn_constructor_kwargs=diffusion_args,
                             compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
                             num_gpus=syn.diffusion.num_gpus or None)
+        if not filtered:
+            return ds
         return ds.map_batches(FilterActor, batch_size=1, fn_constructor_kwargs=filter_args,
                               compute=ray.data.ActorPoolStrategy(size=syn.filter.actors), num_cpus=syn.filter.num_cpus,
                               num_gpus=syn.filter.num_gpus or None)
