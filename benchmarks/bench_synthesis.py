@@ -209,10 +209,11 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
         torch.set_num_threads(threads)  # the actors' settings are 0 (keep torch's) in SEQUENTIAL
         cfg = run_config(base, base / f"f1-sequential-{threads}", args, [*common, *SEQUENTIAL])
         seq = synthesize(cfg, sequential=True, log=quiet, parts=parts)
-        loops[threads] = seq["candidates_per_s"], steady_rate(completion_times(seq["store"]), cfg.synthesis.shard_size, 1)
+        steady = steady_rate(completion_times(seq["store"]), cfg.synthesis.shard_size, 1)
+        loops[threads] = seq["candidates_per_s"], steady
         print(f"[1] sequential loop, 1 process, {threads} torch thread(s): {seq['written']} candidates in "
               f"{seq['seconds']:.1f} s = {seq['candidates_per_s']:.2f} candidates/s; steady state (after the first "
-              f"shard) {loops[threads][1]:.2f} candidates/s", flush=True)
+              f"shard) {steady:.2f} candidates/s", flush=True)
     torch.set_num_threads(DEFAULT_THREADS)
     startup = connect_ray(args.timeout_s)
     cfg = run_config(base, base / "f1-ray", args, common)
@@ -506,7 +507,8 @@ def rss_child(base: Path, args) -> None:
     disconnect_ray()
     print("RSS_RESULT " + json.dumps({"written": summary["written"], "seconds": summary["seconds"],
                                       "roles": rss.by_role(), "private": rss.by_role("RssAnon"),
-                                      "shared": rss.by_role("RssShmem"), "ray_actors": rss.largest("Ray's own actors")}),
+                                      "shared": rss.by_role("RssShmem"),
+                                      "ray_actors": rss.largest("Ray's own actors")}),
           flush=True)
 
 
@@ -532,7 +534,8 @@ def figure_peak_rss(base: Path, args, lines: list) -> None:
     for role in ("driver", "diffusion actor", "filter actor", "task worker", "Ray's own actors"):
         if role in small["roles"] and role in large["roles"]:
             for key, what in (("roles", "peak RSS"), ("private", "peak private RSS (RssAnon)")):
-                add(lines, 4, ratio_line(f"{what} {role}, {args.rss_candidates} vs {10 * args.rss_candidates} candidates",
+                name = f"{what} {role}, {args.rss_candidates} vs {10 * args.rss_candidates} candidates"
+                add(lines, 4, ratio_line(name,
                                         f"{small[key][role]:.0f} MiB vs {large[key][role]:.0f} MiB",
                                         "10N within 10% of N", large[key][role] / small[key][role]))
 

@@ -16,7 +16,7 @@ from engine.evaluation.gates import (
     store_alignment,
 )
 from engine.evaluation.report import markdown, verdict
-from engine.synthesis.actors import DiffusionActor
+from engine.synthesis.actors import DiffusionActor, FilterActor
 from engine.synthesis.methods import PasteActor
 from engine.synthesis.pipeline import SynthesisJob, synthesize
 from engine.training.prepare import prepare_arrays
@@ -50,6 +50,27 @@ def test_realism_is_perfect_for_the_real_image_and_not_for_a_refill(base, tmp_pa
     generated = realism(DiffusionActor(**job.actor_args()[0]), realism_items(parts["train"], job.data_cfg, 2), seed=1)
     assert generated["slices"] == 2 and generated["images"].shape == (2, 64, 64)
     assert -1.0 <= generated["ssim_whole"]["mean"] <= 1.0
+
+
+def test_the_pools_channels_last_setting_reaches_the_actors(base, tmp_path):
+    """synthesis.*.channels_last (default on) decides the layout of the actors' convolution weights."""
+    import torch
+
+    cfg = tiny_config(base, tmp_path)
+    parts = prepare_arrays(cfg)[0]
+    diffusion, filt = SynthesisJob(cfg, parts).actor_args()
+    assert diffusion["channels_last"] and filt["channels_last"]
+    off = tiny_config(base, tmp_path / "off", ["synthesis.diffusion.channels_last=false",
+                                               "synthesis.filter.channels_last=false"])
+    diffusion_off, filt_off = SynthesisJob(off, parts).actor_args()
+    assert not diffusion_off["channels_last"] and not filt_off["channels_last"]
+    for args, channels_last in ((diffusion, True), (diffusion_off, False)):
+        conv_in = DiffusionActor(**args).model.unet.conv_in.weight
+        assert conv_in.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert conv_in.is_contiguous() != channels_last
+    for args, channels_last in ((filt, True), (filt_off, False)):
+        convs = [m.weight for m in FilterActor(**args).model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous() != channels_last for w in convs if w.shape[1] > 1 and w.shape[2:] != (1, 1))
 
 
 def test_store_alignment_matches_the_synthesis_summary(base, tmp_path):
