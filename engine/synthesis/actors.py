@@ -94,8 +94,7 @@ def place_model(model, device, channels_last: bool = True):
     fastest; same results up to float rounding). Returns the model."""
     import torch
 
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
 
 
 def load_generator(generator_folder: str | Path, vae_folder: str | Path):
