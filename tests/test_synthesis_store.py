@@ -20,6 +20,7 @@ from engine.synthesis.store import (
     MARKER,
     ROW_ARRAYS,
     TEXT_ARRAYS,
+    ShardReader,
     ShardWriter,
     StoreLayout,
     SyntheticDataset,
@@ -230,6 +231,75 @@ def test_shard_writer_marks_a_shard_only_once_all_of_it_is_stored():
     assert not completed_shards(zarr.open_group(store=store, mode="r")).any()
 
 
+class _InFlightStore:
+    """A zarr store wrapper whose every get waits 10 ms (object storage's latency, in small) and
+    counts the gets in flight at once (``peak``)."""
+
+    @staticmethod
+    def wrap(store):
+        import asyncio
+
+        from zarr.storage import WrapperStore
+
+        class InFlight(WrapperStore):
+            now = peak = 0
+
+            def _with_store(self, inner):
+                return type(self)(inner)
+
+            async def get(self, key, prototype, byte_range=None):
+                type(self).now += 1  # on the class: zarr may re-wrap the store (read-only views)
+                type(self).peak = max(type(self).peak, type(self).now)
+                try:
+                    await asyncio.sleep(0.01)
+                    return await self._store.get(key, prototype, byte_range)
+                finally:
+                    type(self).now -= 1
+
+        return InFlight(store)
+
+
+def test_shard_reader_reads_what_zarr_reads_with_the_arrays_in_flight_at_once():
+    """ShardReader returns what plain zarr slicing returns (partial last shard, empty rows, texts),
+    fetching all arrays of a shard, and several shards ahead, at once; a shard it cannot decode
+    yields its error in its place and the other shards still arrive, in order."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    layout = StoreLayout(rows=11, height=8, width=6, shard_size=4)
+    memory = MemoryStore()
+    writer = ShardWriter(create_store(memory, layout, {}), layout)
+    rng = np.random.default_rng(7)
+    for shard, rows in [(0, _shard_rows(rng, 4, 8, 6)), (1, _shard_rows(rng, 4, 8, 6, empty_images=True)),
+                        (2, _shard_rows(rng, 3, 8, 6))]:
+        writer.write(shard, rows)
+    store = _InFlightStore.wrap(memory)
+    group = zarr.open_group(store=store, mode="r")
+    names = (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS)
+    reader = ShardReader(group, layout=layout)
+    type(store).peak = 0
+    for shard in range(3):
+        got, (start, stop) = reader.read(shard), layout.shard_rows(shard)
+        assert set(got) == set(names)
+        for name in names:
+            np.testing.assert_array_equal(got[name], np.asarray(group[name][start:stop]), err_msg=f"{shard} {name}")
+    assert type(store).peak >= len(names)  # one shard: every array's get at once
+    row = reader.row(9)
+    assert all(np.array_equal(row[name], np.asarray(group[name][9])) for name in names)
+    assert str(row["sample_id"]) == "x-1-é"
+    type(store).peak = 0
+    assert [shard for shard, _ in reader.iter_shards(range(3), ahead=3)] == [0, 1, 2]
+    assert type(store).peak >= 2 * len(names)  # shards ahead in flight together
+    # a damaged shard object: its error in its place, the others still read
+    key = "image/" + ShardWriter(create_store(MemoryStore(), layout, {}), layout).encoders["image"].key(2)
+    from zarr.core.sync import sync
+
+    sync(memory.set(key, default_buffer_prototype().buffer.from_bytes(b"not a shard")))
+    results = dict(reader.iter_shards([2, 0], ahead=2))
+    assert list(results) == [2, 0] and isinstance(results[2], Exception)
+    np.testing.assert_array_equal(results[0]["image"], np.asarray(group["image"][0:4]))
+
+
 def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
     cfg, summary = done_run
     url = cfg.synthesis.store_url(cfg.run_dir)
@@ -311,6 +381,11 @@ def test_memory_store_and_readers(base, tmp_path):
     sample = ds[2]
     assert len(ds) == 6 and tuple(sample["image"].shape) == (1, 64, 64) and sample["sample_id"] == arrays["sample_id"][2]
     assert {"caption", "dice", "source", "label"} <= set(sample) and (sample["label"] >= SCAR).any() == (arrays["label"][2] >= SCAR).any()
+    assert [ds[i]["sample_id"] for i in range(6)] == list(arrays["sample_id"])
+    np.testing.assert_array_equal(ds[4]["image"].numpy()[0], arrays["image"][4, 0] / arrays["image"][4, 0].max())
+    opened = ds._reader
+    ds._pid = -1  # as in a forked DataLoader worker: the parent's reader is not reused
+    assert ds[1]["sample_id"] == arrays["sample_id"][1] and ds._reader is not opened
 
 
 def test_credentials_in_storage_options_are_refused():
@@ -336,11 +411,14 @@ def _corrupt(url: str, what: str) -> None:
         group["shard_complete"][1] = 0
     elif what == "passed":
         group["passed"][2] = not bool(group["passed"][2])
+    elif what == "unreadable":  # shard 1's image object overwritten with bytes that are no shard
+        (Path(url) / "image" / "c" / "1" / "0" / "0").write_bytes(b"not a shard")
 
 
 @pytest.mark.parametrize("what, message", [
     ("nan", "image holds NaN"), ("label", "label values outside"), ("duplicate", "duplicate sample id"),
     ("incomplete", "shard(s) incomplete: 1"), ("passed", "passed disagrees with dice"),
+    ("unreadable", "shard 1: unreadable"),
 ])
 def test_check_store_reports_each_kind_of_damage(done_run, tmp_path, capsys, what, message):
     import shutil

@@ -19,14 +19,15 @@ from engine.synthesis.store import (
     MARKER,
     ROW_ARRAYS,
     TEXT_ARRAYS,
+    ShardReader,
     StoreLayout,
     completed_shards,
     open_store,
-    read_shard,
     store_attrs,
 )
 
 MAX_LISTED = 20  # problems of one kind listed before the rest are counted
+READ_AHEAD = 8  # shards in flight at once (memory: that many shards)
 
 
 def _shard_problems(rows: dict[str, np.ndarray], start: int, threshold: float | None) -> list[str]:
@@ -113,12 +114,15 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> t
                         f"{', '.join(map(str, incomplete[:MAX_LISTED]))} (re-run synthesis to finish them)")
     ids: list[str] = []
     kept = 0
-    for shard in range(layout.shards):
+    try:
+        reader = ShardReader(group, layout=layout)
+    except Exception as exc:  # noqa: BLE001 - name the store and why it failed
+        return {"rows": n}, problems + [f"{url}: arrays unreadable ({type(exc).__name__}: {exc})"]
+    # shards fetched ahead (all of a shard's arrays at once) while the current one is checked
+    for shard, rows in reader.iter_shards(range(layout.shards), ahead=READ_AHEAD):
         start, _ = layout.shard_rows(shard)
-        try:
-            rows = read_shard(group, shard, layout=layout)
-        except Exception as exc:  # noqa: BLE001 - name the shard and why it failed
-            problems.append(f"shard {shard}: unreadable ({type(exc).__name__}: {exc})")
+        if isinstance(rows, Exception):
+            problems.append(f"shard {shard}: unreadable ({type(rows).__name__}: {rows})")
             continue
         ids += [str(s) for s in rows["sample_id"]]
         kept += int(rows["passed"].astype(bool).sum())

@@ -678,13 +678,82 @@ def write_shard(group, shard: int, rows: Mapping[str, Any], layout: StoreLayout 
         writer.close()
 
 
+class ShardReader:
+    """Reads whole shards, or single rows, of an open store: the arrays are opened once (their
+    metadata read concurrently), and every array of a shard or row is fetched concurrently in one
+    submission to zarr's IO loop: on object storage one round trip's latency for all of them, where
+    ``group[name][start:stop]`` array after array pays one per array and one more per opening.
+    :meth:`iter_shards` keeps several shards in flight (the next ones fetched while the caller works
+    on the current one), holding at most that many in memory.
+
+    Args:
+        group: the store's root group.
+        names: the arrays to read (default every array of the schema but the marker).
+        layout: the store's layout (read from ``group`` when omitted).
+    """
+
+    def __init__(self, group, names: tuple[str, ...] | None = None, layout: StoreLayout | None = None):
+        self.names = tuple(names or (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS))
+        self.arrays = {name: array.async_array for name, array in _open_arrays(group, self.names).items()}
+        self._group, self._layout = group, layout
+
+    @property
+    def layout(self) -> StoreLayout:
+        """The store's layout (read from the group on first use: :meth:`select` needs none)."""
+        if self._layout is None:
+            self._layout = StoreLayout.of_group(self._group)
+        return self._layout
+
+    async def _get(self, selection) -> dict[str, np.ndarray]:
+        import asyncio
+
+        values = await asyncio.gather(*(array.getitem(selection) for array in self.arrays.values()))
+        return {name: np.asarray(value) for name, value in zip(self.arrays, values, strict=True)}
+
+    def _submit(self, selection):
+        """A concurrent future of ``{name: array[selection]}``."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(self._get(selection), _zarr_loop())
+
+    def select(self, selection) -> dict[str, np.ndarray]:
+        """``array[selection]`` of every array (a basic selection: an int, a slice), fetched at once."""
+        return self._submit(selection).result()
+
+    def read(self, shard: int) -> dict[str, np.ndarray]:
+        """Every row of ``shard``, one array per name."""
+        return self.select(slice(*self.layout.shard_rows(shard)))
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Row ``index`` of every array (0-d for the row arrays, [H, W] for images)."""
+        return self.select(int(index))
+
+    def iter_shards(self, shards, ahead: int = 8) -> Iterator[tuple[int, dict[str, np.ndarray] | Exception]]:
+        """``(shard, rows)`` for each of ``shards`` in order, up to ``ahead`` of them fetched at once;
+        a shard that cannot be read yields its exception instead of its rows (the others go on)."""
+        from collections import deque
+
+        shards, pending = iter(shards), deque()
+        for shard in shards:
+            pending.append((shard, self._submit(slice(*self.layout.shard_rows(shard)))))
+            if len(pending) >= max(1, ahead):
+                break
+        while pending:
+            shard, future = pending.popleft()
+            nxt = next(shards, None)
+            if nxt is not None:
+                pending.append((nxt, self._submit(slice(*self.layout.shard_rows(nxt)))))
+            try:
+                yield shard, future.result()
+            except Exception as exc:  # noqa: BLE001 - the caller names the shard and the reason
+                yield shard, exc
+
+
 def read_shard(group, shard: int, names: tuple[str, ...] | None = None,
                layout: StoreLayout | None = None) -> dict[str, np.ndarray]:
-    """All rows of one shard (``names``: which arrays; default all of the schema)."""
-    layout = layout or StoreLayout.of_group(group)
-    start, stop = layout.shard_rows(shard)
-    names = names or (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS)
-    return {name: np.asarray(group[name][start:stop]) for name in names}
+    """All rows of one shard (``names``: which arrays; default all of the schema); for many
+    shards, one :class:`ShardReader`."""
+    return ShardReader(group, names, layout).read(shard)
 
 
 def _text(values: np.ndarray) -> list[str]:
@@ -759,32 +828,37 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
         "label": np.asarray(group["label"].oindex[keep], dtype=np.uint8),
         "passed": passed[keep],
     }
-    for name in ("sample_id", "dice", "caption", "source"):
-        if name in group:
-            values = np.asarray(group[name][:])[keep]
-            out[name] = values.astype(np.float32) if name == "dice" else _text(values)
+    names = tuple(name for name in ("sample_id", "dice", "caption", "source") if name in group)
+    for name, values in (ShardReader(group, names).select(slice(None)) if names else {}).items():
+        out[name] = values[keep].astype(np.float32) if name == "dice" else _text(values[keep])
     image = out["image"]
     if image.size and (not np.isfinite(image).all() or image.min() < 0 or image.max() > 1):
         raise ValueError(f"{url}: image values must be finite and in [0, 1]")
     return out
 
 
-def _sample(group, i: int) -> dict[str, Any]:
+SAMPLE_ARRAYS = ("image", "label", "condition", "dice", "passed", "caption", "source", "sample_id")
+
+
+def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample dict of one row of :data:`SAMPLE_ARRAYS` (as :meth:`ShardReader.row` reads it)."""
     return {
-        "image": np.asarray(group["image"][i], np.float32)[None],
-        "label": np.asarray(group["label"][i], np.uint8)[None],
-        "condition": np.asarray(group["condition"][i], np.uint8)[None],
-        "dice": float(group["dice"][i]),
-        "passed": bool(group["passed"][i]),
-        "caption": str(group["caption"][i]),
-        "source": str(group["source"][i]),
-        "sample_id": str(group["sample_id"][i]),
+        "image": np.asarray(row["image"], np.float32)[None],
+        "label": np.asarray(row["label"], np.uint8)[None],
+        "condition": np.asarray(row["condition"], np.uint8)[None],
+        "dice": float(row["dice"]),
+        "passed": bool(row["passed"]),
+        "caption": str(row["caption"]),
+        "source": str(row["source"]),
+        "sample_id": str(row["sample_id"]),
     }
 
 
-def iter_shard_samples(group, shard: int, passed_only: bool = True) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as dicts (channel-first ``image``/``label``/``condition`` [1, H, W])."""
-    rows = read_shard(group, shard)
+def iter_shard_samples(group, shard: int, passed_only: bool = True,
+                       reader: ShardReader | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard as dicts (channel-first ``image``/``label``/``condition`` [1, H, W]);
+    ``reader``: a :class:`ShardReader` of ``group`` to reuse across shards."""
+    rows = (reader or ShardReader(group, SAMPLE_ARRAYS)).read(shard)
     for j in range(len(rows["passed"])):
         if passed_only and not rows["passed"][j]:
             continue
@@ -800,8 +874,9 @@ class SyntheticDataset:
     ``source`` and ``sample_id``; an optional MONAI ``transform`` (e.g. ``Compose([...])`` of
     dictionary transforms) is applied to each sample.
 
-    Only passed samples by default. Reading is lazy (one sample's chunk per item), so the store may
-    be much larger than memory; the group is reopened in each DataLoader worker process.
+    Only passed samples by default. Reading is lazy (one sample's chunk per item, its arrays
+    fetched concurrently), so the store may be much larger than memory; the store is reopened in
+    each DataLoader worker process (spawned or forked).
 
     Example:
         >>> ds = SyntheticDataset("runs/demo/synthetic.zarr")  # doctest: +SKIP
@@ -818,20 +893,22 @@ class SyntheticDataset:
             raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
         passed = np.asarray(group["passed"][:], dtype=bool)
         self.indices = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
-        self._group = None
+        self._reader: ShardReader | None = None
+        self._pid = 0  # the process that opened _reader (a forked worker opens its own)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_group"] = None  # zarr groups are reopened per process
+        state["_reader"] = None  # zarr arrays are reopened per process
         return state
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self._group is None:
-            self._group = open_store(self.url, "r", self.storage_options)
-        sample = _sample(self._group, int(self.indices[index]))
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = ShardReader(open_store(self.url, "r", self.storage_options), SAMPLE_ARRAYS)
+            self._pid = os.getpid()
+        sample = _sample(self._reader.row(int(self.indices[index])))
         return self.transform(sample) if self.transform is not None else sample
 
 
@@ -840,8 +917,9 @@ def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: 
     """Ray Data task: shard indices -> their samples as columns."""
     group = open_store(url, "r", storage_options)
     layout = StoreLayout.of_group(group)
-    samples = [s for shard in batch["shard"] for s in iter_shard_samples(group, int(shard), passed_only)]
-    keys = ("image", "label", "condition", "dice", "passed", "caption", "source", "sample_id")
+    reader = ShardReader(group, SAMPLE_ARRAYS, layout)
+    samples = [s for shard in batch["shard"] for s in iter_shard_samples(group, int(shard), passed_only, reader)]
+    keys = SAMPLE_ARRAYS
     if not samples:
         shape = (0, 1, layout.height, layout.width)
         return {"image": np.zeros(shape, np.float32), "label": np.zeros(shape, np.uint8),
