@@ -83,8 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--candidates-per-slice", type=int, default=8, help="draws per negative slice")
     parser.add_argument("--config", default="configs/phantom.yaml", help="model sizes and synthesis settings")
     parser.add_argument("--out", default="", help="folder for cohort, models and stores (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of every run (e.g. synthesis.shard_size=32); repeatable")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="limit of every Ray step")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)  # figure 4's child runs
+    parser.add_argument("--loop-child", default="", help=argparse.SUPPRESS)  # figure 1's concurrent loops
     return parser.parse_args(argv)
 
 
@@ -152,7 +155,7 @@ def run_config(base: Path, run_dir: Path, args, extra=()):
     return load_config(EngineConfig, args.config, [
         f"cohort.root={base / 'cohort'}", f"run_dir={run_dir}", f"vae.pretrained={models / 'vae'}",
         f"synthesis.generator={models / 'generator'}", f"synthesis.reward={models / 'reward'}",
-        f"synthesis.candidates_per_slice={args.candidates_per_slice}", *POOLS, *extra,
+        f"synthesis.candidates_per_slice={args.candidates_per_slice}", *POOLS, *args.set, *extra,
     ])
 
 
@@ -215,11 +218,24 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
               f"{seq['seconds']:.1f} s = {seq['candidates_per_s']:.2f} candidates/s; steady state (after the first "
               f"shard) {steady:.2f} candidates/s", flush=True)
     torch.set_num_threads(DEFAULT_THREADS)
+    two = two_loops_at_once(base, args)
     startup = connect_ray(args.timeout_s)
     cfg = run_config(base, base / "f1-ray", args, common)
-    with deadline(args.timeout_s, "figure 1: Ray pipeline"):
+    with deadline(args.timeout_s, "figure 1: Ray pipeline"), PeakRSS(interval=1.0) as usage:
         ray_run = synthesize(cfg, log=quiet, parts=parts)
     actors = cfg.synthesis.diffusion.actors
+    shards_done = completion_times(ray_run["store"])
+    for what, window, cpu in (
+            ("the whole pipeline run", ray_run["seconds"], usage.cpu_by_role()),
+            ("its steady state (after the first shard of every diffusion actor)",
+             usage.window(shards_done[actors - 1], shards_done[-1]),
+             usage.cpu_by_role(shards_done[actors - 1], shards_done[-1]))):
+        capacity = window * (os.cpu_count() or 1)
+        print(f"[1] CPU time of {what} by process role ({window:.1f} s x {os.cpu_count()} cores = {capacity:.0f} "
+              "CPU s; the driver's share includes a once-a-second /proc sampler): "
+              + ", ".join(f"{role} {sec:.1f} s ({100 * sec / capacity:.1f}%)"
+                          for role, sec in sorted(cpu.items(), key=lambda item: -item[1]))
+              + f"; idle {capacity - sum(cpu.values()):.1f} s", flush=True)
     ray_steady = steady_rate(completion_times(ray_run["store"]), cfg.synthesis.shard_size, actors)
     with_startup = ray_run["written"] / (ray_run["seconds"] + startup)
     print(f"[1] Ray pipeline, {actors} diffusion actors x 1 thread + 1 filter actor x 1 thread: {ray_run['written']} "
@@ -227,6 +243,11 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
           f"(+{startup:.1f} s Ray start-up: {with_startup:.2f} candidates/s); actor start-up and model "
           f"loading are inside both figures; steady state (after the first {actors} shards) {ray_steady:.2f} "
           "candidates/s", flush=True)
+    add(lines, 1, ratio_line("two one-core loops at once (two processes, no Ray: what two cores give this work "
+                            "here) vs one, steady state", f"{two:.2f} vs {loops[1][1]:.2f}", "(the ceiling)",
+                            two / loops[1][1]))
+    add(lines, 1, ratio_line("pipeline vs two one-core loops at once, steady state", f"{ray_steady:.2f} vs {two:.2f}",
+                            "(share of the ceiling)", ray_steady / two))
     for threads, (whole, steady) in loops.items():
         loop = f"sequential loop with {threads} torch thread(s)" + (" (one core)" if threads == 1 else "")
         add(lines, 1, ratio_line(f"pipeline vs {loop}, candidates/s, whole run",
@@ -236,6 +257,55 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
                                 ">= 1.8x on two cores", with_startup / whole))
         add(lines, 1, ratio_line(f"pipeline vs {loop}, steady state (start-up excluded)",
                                 f"{ray_steady:.2f} vs {steady:.2f}", ">= 1.8x on two cores", ray_steady / steady))
+
+
+def loop_child(base: Path, args) -> None:
+    """Figure 1's child: the sequential loop on one torch thread over ``--candidates`` in this fresh
+    process, into its own store (``--loop-child`` names the run)."""
+    import torch
+
+    from engine.synthesis.pipeline import synthesize
+
+    torch.set_num_threads(1)
+    parts = load_parts(base, args, args.candidates)
+    cfg = run_config(base, base / f"f1-{args.loop_child}", args, [
+        f"synthesis.max_candidates={args.candidates}", f"synthesis.num_inference_steps={args.steps}", *SEQUENTIAL])
+    summary = synthesize(cfg, sequential=True, log=quiet, parts=parts)
+    print("LOOP_RESULT " + json.dumps({"written": summary["written"], "seconds": summary["seconds"],
+                                       "shard_size": cfg.synthesis.shard_size,
+                                       "times": completion_times(summary["store"])}), flush=True)
+
+
+def two_loops_at_once(base: Path, args) -> float:
+    """Candidates/s of two one-thread sequential loops running at once in two processes (each over
+    half of ``--candidates``, no Ray), counted over the time both ran in their steady state (from
+    the later first shard to the earlier last one): what two cores give this work on this machine
+    when nothing is shared but the hardware (memory bandwidth, caches, the VM's scheduler)."""
+    half = max(args.candidates // 2, 1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--loop-child", f"concurrent-{i}", "--candidates", str(half), "--out", str(base),
+         "--config", args.config, "--steps", str(args.steps), "--patients", str(args.patients),
+         "--candidates-per-slice", str(args.candidates_per_slice), *(f"--set={kv}" for kv in args.set)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=args.timeout_s + 120)
+        found = [line for line in out.splitlines() if line.startswith("LOOP_RESULT ")]
+        if proc.returncode or not found:
+            raise RuntimeError(f"figure 1's concurrent loop failed ({proc.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(found[-1].split(" ", 1)[1]))
+    times = [r["times"] for r in results]
+    start, stop = max(t[0] for t in times), min(t[-1] for t in times)
+    shards = sum(1 for t in times for x in t if start < x <= stop)
+    if stop <= start or not shards:
+        raise SystemExit("the two concurrent loops did not overlap in their steady state; raise --candidates")
+    rate = shards * results[0]["shard_size"] / (stop - start)
+    print(f"[1] two sequential loops at once, 1 torch thread each, {half} candidates each: "
+          + ", ".join(f"{r['written']} in {r['seconds']:.1f} s" for r in results)
+          + f"; {shards} shards completed in the {stop - start:.1f} s both were past their first: "
+          f"{rate:.2f} candidates/s together", flush=True)
+    return rate
 
 
 class DroppingDatasink:
@@ -430,13 +500,28 @@ def _memory_kib(pid: int) -> tuple[dict[str, int], str]:
     return {key: int(fields[key].split()[0]) for key in ("VmHWM", "RssAnon", "RssShmem") if key in fields}, title
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used (``/proc/<pid>/stat``), None once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
 class PeakRSS:
     """Samples the memory of this process and all its descendants (the Ray processes a local
     ``ray.init`` starts) every ``interval`` s: each process's peak RSS (VmHWM, kept by the kernel)
-    and the peaks of its private (RssAnon) and shared (RssShmem) resident memory as sampled."""
+    and the peaks of its private (RssAnon) and shared (RssShmem) resident memory as sampled; and
+    the CPU seconds each used between entering and leaving (as last sampled: a process that exits
+    between samples loses at most ``interval`` of its CPU time)."""
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.peaks, self.titles = interval, {}, {}
+        self.cpu_first: dict[int, float] = {}  # CPU seconds when first seen (0 for a process started inside)
+        self.cpu_last: dict[int, float] = {}
+        self.cpu_series: list[tuple[float, dict[int, float]]] = []  # (wall clock, {pid: CPU s}) per sample
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -448,12 +533,19 @@ class PeakRSS:
                 for key, value in kib.items():
                     peaks[key] = max(value, peaks.get(key, 0))
                 self.titles.setdefault(pid, set()).add(title)  # a worker's title changes with its task
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self.cpu_first.setdefault(pid, cpu if not self._started else 0.0)
+                self.cpu_last[pid] = cpu
+        self.cpu_series.append((time.time(), dict(self.cpu_last)))
+        self._started = True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
 
     def __enter__(self):
+        self.sample()  # the CPU already used by processes alive now is not counted
         self._thread.start()
         return self
 
@@ -484,6 +576,24 @@ class PeakRSS:
             role = self.role(pid)
             roles[role] = max(roles.get(role, 0.0), peaks.get(key, 0) / 1024)
         return roles
+
+    def cpu_by_role(self, start: float | None = None, stop: float | None = None) -> dict[str, float]:
+        """CPU seconds used inside the sampled window, summed per role (see :meth:`role`); with
+        ``start`` and ``stop`` (wall clock), between the samples nearest to them."""
+        first, last = self.cpu_first, self.cpu_last
+        if start is not None and stop is not None:
+            first = min(self.cpu_series, key=lambda sample: abs(sample[0] - start))[1]
+            last = min(self.cpu_series, key=lambda sample: abs(sample[0] - stop))[1]
+        roles: dict[str, float] = {}
+        for pid, cpu in last.items():
+            role = self.role(pid)
+            roles[role] = roles.get(role, 0.0) + cpu - first.get(pid, 0.0)
+        return roles
+
+    def window(self, start: float, stop: float) -> float:
+        """Seconds between the samples :meth:`cpu_by_role` takes for ``start`` and ``stop``."""
+        times = [sample[0] for sample in self.cpu_series]
+        return min(times, key=lambda t: abs(t - stop)) - min(times, key=lambda t: abs(t - start))
 
     def largest(self, role: str) -> str:
         """The titles of the process with the largest peak RSS in ``role`` (which one it was)."""
@@ -519,7 +629,8 @@ def figure_peak_rss(base: Path, args, lines: list) -> None:
     for n in (args.rss_candidates, 10 * args.rss_candidates):
         cmd = [sys.executable, __file__, "--rss-child", str(n), "--out", str(base), "--config", args.config,
                "--rss-steps", str(args.rss_steps), "--patients", str(args.patients),
-               "--candidates-per-slice", str(args.candidates_per_slice), "--timeout-s", str(args.timeout_s)]
+               "--candidates-per-slice", str(args.candidates_per_slice), "--timeout-s", str(args.timeout_s),
+               *(f"--set={kv}" for kv in args.set)]
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=args.timeout_s + 120)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RSS_RESULT ")]
         if proc.returncode or not found:
@@ -735,6 +846,9 @@ def main(args: argparse.Namespace) -> None:
         if args.rss_child:
             rss_child(base, args)
             return
+        if args.loop_child:
+            loop_child(base, args)
+            return
         only = {int(x) for x in args.only.split(",") if x.strip()}
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
               f"torch {torch.__version__} (default {DEFAULT_THREADS} threads), ray {ray.__version__}", flush=True)
@@ -761,6 +875,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 DEFAULT_THREADS = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 if __name__ == "__main__":
     main(parse_args())
