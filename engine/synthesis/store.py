@@ -913,10 +913,9 @@ class SyntheticDataset:
 
 
 def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: dict | None,
-                       passed_only: bool) -> dict[str, Any]:
-    """Ray Data task: shard indices -> their samples as columns."""
+                       passed_only: bool, layout: StoreLayout) -> dict[str, Any]:
+    """Ray Data task: shard indices -> their samples as columns (``layout``: read once by the driver)."""
     group = open_store(url, "r", storage_options)
-    layout = StoreLayout.of_group(group)
     reader = ShardReader(group, SAMPLE_ARRAYS, layout)
     samples = [s for shard in batch["shard"] for s in iter_shard_samples(group, int(shard), passed_only, reader)]
     keys = SAMPLE_ARRAYS
@@ -945,4 +944,4 @@ def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapp
                                  override_num_blocks=max(1, min(layout.shards, 200)))
     return shards.map_batches(_read_shards_batch, batch_size=1,
                               fn_kwargs={"url": url, "storage_options": _storage_options(url, storage_options),
-                                         "passed_only": passed_only})
+                                         "passed_only": passed_only, "layout": layout})
