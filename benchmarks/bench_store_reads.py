@@ -12,7 +12,9 @@ same run (median of ``--repeats``):
    ``ShardReader``, and what a zarr user writes), vs ``ShardReader.iter_shards`` (arrays opened
    once, a shard's arrays fetched at once, 8 shards ahead);
 2. ``--rows`` random single rows of the eight arrays a ``SyntheticDataset`` sample holds:
-   ``group[name][i]`` array after array vs ``ShardReader.row``.
+   ``group[name][i]`` array after array vs ``ShardReader.row``;
+3. the same rows in batches of ``--batch`` (a DataLoader's batch, which ``SyntheticDataset``
+   fetches through ``__getitems__``): ``ShardReader.row`` after row vs ``ShardReader.rows``.
 
 Also ``check_store`` end to end on the local and S3 stores (absolute seconds).
 
@@ -43,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
     parser.add_argument("--rows", type=int, default=64, help="random rows read in pattern 2")
+    parser.add_argument("--batch", type=int, default=16, help="rows per batch in pattern 3")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="get latency of the latency store")
     parser.add_argument("--repeats", type=int, default=3)
     return parser.parse_args(argv)
@@ -98,6 +101,13 @@ def reader_rows(group, rows, names) -> int:
 
     reader = ShardReader(group, names)
     return sum(len(reader.row(int(i))) for i in rows)
+
+
+def reader_batches(group, rows, names, batch: int) -> int:
+    from engine.synthesis.store import ShardReader
+
+    reader = ShardReader(group, names)
+    return sum(len(reader.rows(rows[i:i + batch])) for i in range(0, len(rows), batch))
 
 
 def median_s(fn, repeats: int) -> float:
@@ -156,6 +166,7 @@ def main(args: argparse.Namespace) -> None:
                 ours = median_s(lambda g=group: reader_shards(g, layout, all_names), args.repeats)
                 plain_rows = median_s(lambda g=group: array_by_array_rows(g, rows, SAMPLE_ARRAYS), args.repeats)
                 ours_rows = median_s(lambda g=group: reader_rows(g, rows, SAMPLE_ARRAYS), args.repeats)
+                batches = median_s(lambda g=group: reader_batches(g, rows, SAMPLE_ARRAYS, args.batch), args.repeats)
                 check = ""
                 if not name.startswith("memory"):
                     check_s = median_s(lambda u=url, o=opts: check_store(u, o), args.repeats)
@@ -163,9 +174,11 @@ def main(args: argparse.Namespace) -> None:
                 print(f"{name}: {layout.shards} shards x {args.shard_size} rows, all arrays: array by array "
                       f"{plain:.2f} s, ShardReader {ours:.2f} s; {len(rows)} random rows of 8 arrays: array by "
                       f"array {plain_rows:.2f} s ({1000 * plain_rows / len(rows):.1f} ms a row), ShardReader "
-                      f"{ours_rows:.2f} s ({1000 * ours_rows / len(rows):.1f} ms a row){check}", flush=True)
+                      f"{ours_rows:.2f} s ({1000 * ours_rows / len(rows):.1f} ms a row), in batches of {args.batch} "
+                      f"{batches:.2f} s ({1000 * batches / len(rows):.1f} ms a row){check}", flush=True)
                 lines.append(f"{name}: whole shards {plain / ours:.2f}x faster, single rows "
-                             f"{plain_rows / ours_rows:.2f}x faster")
+                             f"{plain_rows / ours_rows:.2f}x faster, rows in batches of {args.batch} "
+                             f"{plain_rows / batches:.2f}x faster than array by array")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -288,6 +288,11 @@ def test_shard_reader_reads_what_zarr_reads_with_the_arrays_in_flight_at_once():
     assert all(np.array_equal(row[name], np.asarray(group[name][9])) for name in names)
     assert str(row["sample_id"]) == "x-1-é"
     type(store).peak = 0
+    batch = reader.rows([9, 0, 5])
+    assert type(store).peak >= 3 * len(names)  # a batch of rows: every row's arrays at once
+    for i, got in zip([9, 0, 5], batch):
+        assert all(np.array_equal(got[name], np.asarray(group[name][i])) for name in names)
+    type(store).peak = 0
     assert [shard for shard, _ in reader.iter_shards(range(3), ahead=3)] == [0, 1, 2]
     assert type(store).peak >= 2 * len(names)  # shards ahead in flight together
     # a damaged shard object: its error in its place, the others still read
@@ -383,6 +388,12 @@ def test_memory_store_and_readers(base, tmp_path):
     assert {"caption", "dice", "source", "label"} <= set(sample) and (sample["label"] >= SCAR).any() == (arrays["label"][2] >= SCAR).any()
     assert [ds[i]["sample_id"] for i in range(6)] == list(arrays["sample_id"])
     np.testing.assert_array_equal(ds[4]["image"].numpy()[0], arrays["image"][4, 0] / arrays["image"][4, 0].max())
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)  # whole batches through __getitems__
+    first = next(iter(loader))
+    assert list(first["sample_id"]) == list(arrays["sample_id"][:4]) and tuple(first["image"].shape) == (4, 1, 64, 64)
+    assert torch.equal(first["image"][3], ds[3]["image"]) and torch.equal(first["label"][1], ds[1]["label"])
     opened = ds._reader
     ds._pid = -1  # as in a forked DataLoader worker: the parent's reader is not reused
     assert ds[1]["sample_id"] == arrays["sample_id"][1] and ds._reader is not opened

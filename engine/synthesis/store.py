@@ -728,6 +728,16 @@ class ShardReader:
         """Row ``index`` of every array (0-d for the row arrays, [H, W] for images)."""
         return self.select(int(index))
 
+    def rows(self, indices) -> list[dict[str, Any]]:
+        """:meth:`row` of each of ``indices``, every array of every row fetched at once (a batch of
+        samples in one round trip's latency, not one per sample)."""
+        import asyncio
+
+        async def all_rows():
+            return await asyncio.gather(*(self._get(int(i)) for i in indices))
+
+        return asyncio.run_coroutine_threadsafe(all_rows(), _zarr_loop()).result()
+
     def iter_shards(self, shards, ahead: int = 8) -> Iterator[tuple[int, dict[str, np.ndarray] | Exception]]:
         """``(shard, rows)`` for each of ``shards`` in order, up to ``ahead`` of them fetched at once;
         a shard that cannot be read yields its exception instead of its rows (the others go on)."""
@@ -875,8 +885,9 @@ class SyntheticDataset:
     dictionary transforms) is applied to each sample.
 
     Only passed samples by default. Reading is lazy (one sample's chunk per item, its arrays
-    fetched concurrently), so the store may be much larger than memory; the store is reopened in
-    each DataLoader worker process (spawned or forked).
+    fetched concurrently; a DataLoader's batch fetched all at once through ``__getitems__``), so
+    the store may be much larger than memory; the store is reopened in each DataLoader worker
+    process (spawned or forked).
 
     Example:
         >>> ds = SyntheticDataset("runs/demo/synthetic.zarr")  # doctest: +SKIP
@@ -904,12 +915,22 @@ class SyntheticDataset:
         state["_reader"] = None  # zarr arrays are reopened per process
         return state
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _open(self) -> ShardReader:
         if self._reader is None or self._pid != os.getpid():
             self._reader = ShardReader(open_store(self.url, "r", self.storage_options), SAMPLE_ARRAYS)
             self._pid = os.getpid()
-        sample = _sample(self._reader.row(int(self.indices[index])))
+        return self._reader
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = _sample(self._open().row(int(self.indices[index])))
         return self.transform(sample) if self.transform is not None else sample
+
+    def __getitems__(self, indices) -> list[dict[str, Any]]:
+        """The samples of a whole batch, their reads all in flight at once (torch's DataLoader
+        calls this with a batch's indices where a dataset has it)."""
+        rows = self._open().rows([int(self.indices[i]) for i in indices])
+        samples = [_sample(row) for row in rows]
+        return [self.transform(s) for s in samples] if self.transform is not None else samples
 
 
 def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: dict | None,
