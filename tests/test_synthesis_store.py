@@ -399,6 +399,32 @@ def test_memory_store_and_readers(base, tmp_path):
     assert ds[1]["sample_id"] == arrays["sample_id"][1] and ds._reader is not opened
 
 
+def test_drawing_before_reading_reads_only_the_drawn_samples_and_mixes_the_same(done_run, parts):
+    """The downstream driver draws from the row arrays, then reads only the drawn rows: the same
+    mix as reading every kept sample and drawing from them."""
+    from engine.synthesis.store import synthetic_rows
+    from engine.training.data import draw_synthetic, mix_real_and_synthetic
+
+    cfg, _ = done_run
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    whole = read_synthetic_arrays(url)
+    rows = synthetic_rows(url)
+    assert len(rows) == len(whole["image"]) == 18
+    for seed in (0, 3):
+        drawn = rows[draw_synthetic(len(rows), 5, seed)]
+        subset = read_synthetic_arrays(url, rows=drawn)
+        assert len(subset["image"]) == 5 and subset["sample_id"] == [whole["sample_id"][i] for i in np.searchsorted(rows, drawn)]
+        before = mix_real_and_synthetic(parts["train"], whole, 5, seed=seed)
+        after = mix_real_and_synthetic(parts["train"], subset, 5, seed=seed)
+        assert before.source == after.source
+        np.testing.assert_array_equal(before.image, after.image)
+        np.testing.assert_array_equal(before.label, after.label)
+    with pytest.raises(ValueError, match=r"rows \[18\] are not among the selected samples \(passed\)"):
+        read_synthetic_arrays(url, rows=[0, 18])
+    with pytest.raises(ValueError, match="asked for 19 synthetic samples but only 18 kept ones are available"):
+        draw_synthetic(18, 19, what="kept ones")
+
+
 def test_credentials_in_storage_options_are_refused():
     with pytest.raises(ValueError, match="must not hold credentials \\(client_kwargs.aws_secret_access_key\\)"):
         SynthesisConfig(storage_options={"client_kwargs": {"aws_secret_access_key": "x"}})

@@ -804,23 +804,9 @@ def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
     return np.flatnonzero(present & (dice > np.float32(min_dice)))
 
 
-def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: dict | None = None,
-                          min_dice: float | None = None) -> dict[str, Any]:
-    """The store's samples as numpy arrays for downstream training.
-
-    Args:
-        url: the store's path or fsspec URL.
-        passed_only: keep only samples that passed the quality filter (the default: rejected
-            candidates never train a downstream model).
-        storage_options: fsspec options (endpoint and the like; never credentials in configs).
-        min_dice: instead of the filter's decision, keep the samples with Dice > ``min_dice``
-            (:func:`select_samples`: below the store's own threshold only for a store written with
-            ``keep_rejected``); their ``passed`` is then true: they pass this filter.
-
-    Returns:
-        ``image`` float32 [M, 1, H, W] in [0, 1], ``label`` uint8 [M, H, W], ``passed`` bool [M], and
-        ``sample_id`` / ``dice`` / ``caption`` / ``source`` where the store has them.
-    """
+def _synthetic_selection(url: str, passed_only: bool, storage_options: dict | None, min_dice: float | None):
+    """``(group, keep, passed)``: the open store, the sorted row indices :func:`read_synthetic_arrays`
+    returns and the ``passed`` flag of every row (all true under ``min_dice``)."""
     if min_dice is not None and not passed_only:
         raise ValueError("min_dice selects the samples that pass a filter: it cannot go with passed_only=False")
     group = open_store(url, "r", storage_options)
@@ -833,6 +819,46 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
         passed = np.ones(len(passed), dtype=bool)
     else:
         keep = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
+    return group, keep, passed
+
+
+def synthetic_rows(url: str, passed_only: bool = True, storage_options: dict | None = None,
+                   min_dice: float | None = None) -> np.ndarray:
+    """The store rows :func:`read_synthetic_arrays` would return (sorted), from the row arrays
+    alone (no image read): to draw a subset first and read only its images (``rows=``)."""
+    return _synthetic_selection(url, passed_only, storage_options, min_dice)[1]
+
+
+def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: dict | None = None,
+                          min_dice: float | None = None, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The store's samples as numpy arrays for downstream training.
+
+    Args:
+        url: the store's path or fsspec URL.
+        passed_only: keep only samples that passed the quality filter (the default: rejected
+            candidates never train a downstream model).
+        storage_options: fsspec options (endpoint and the like; never credentials in configs).
+        min_dice: instead of the filter's decision, keep the samples with Dice > ``min_dice``
+            (:func:`select_samples`: below the store's own threshold only for a store written with
+            ``keep_rejected``); their ``passed`` is then true: they pass this filter.
+        rows: only these store rows (each one of those selected above, see :func:`synthetic_rows`),
+            in ascending order; only their images are read. Default: all selected.
+
+    Returns:
+        ``image`` float32 [M, 1, H, W] in [0, 1], ``label`` uint8 [M, H, W], ``passed`` bool [M], and
+        ``sample_id`` / ``dice`` / ``caption`` / ``source`` where the store has them.
+
+    Raises:
+        ValueError: not a synthetic store, or ``rows`` holds a row the selection does not (named).
+    """
+    group, keep, passed = _synthetic_selection(url, passed_only, storage_options, min_dice)
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        outside = rows[~np.isin(rows, keep)]
+        if len(outside):
+            selected = f"Dice > {min_dice}" if min_dice is not None else "passed" if passed_only else "all"
+            raise ValueError(f"{url}: rows {outside[:5].tolist()} are not among the selected samples ({selected})")
+        keep = rows
     out: dict[str, Any] = {
         "image": np.asarray(group["image"].oindex[keep], dtype=np.float32)[:, None],
         "label": np.asarray(group["label"].oindex[keep], dtype=np.uint8),

@@ -48,8 +48,8 @@ from engine.io.crop import LVCentredCrop
 
 __all__ = [
     "DownstreamData", "SliceArrays", "SliceDataConfig", "build_slice_arrays", "concat", "conditions", "derive_seed",
-    "dilate_masks", "image_label", "inpainting_arrays", "masked_image", "mix_real_and_synthetic", "normalize_intensity",
-    "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
+    "dilate_masks", "draw_synthetic", "image_label", "inpainting_arrays", "masked_image", "mix_real_and_synthetic",
+    "normalize_intensity", "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
     "synthesis_candidates",
 ]
 
@@ -502,6 +502,21 @@ def _check_segmentation_pair(image: np.ndarray, label: np.ndarray, what: str) ->
         raise ValueError(f"{what}: expected image [N, 1, S, S] and label [N, S, S], got {image.shape} and {label.shape}")
 
 
+def draw_synthetic(available: int, n: int, seed: int = 0, what: str = "synthetic samples") -> np.ndarray:
+    """Sorted positions of ``n`` of ``available`` synthetic samples, drawn without replacement; the
+    draw depends only on the seed and ``available``. A caller that draws before reading (the
+    downstream driver: only the drawn images are read from the store) and
+    :func:`mix_real_and_synthetic` (over the samples it is given) draw the same samples.
+
+    Raises:
+        ValueError: more asked for than available (both numbers and ``what`` in the message).
+    """
+    if n > available:
+        raise ValueError(f"asked for {n} synthetic samples but only {available} {what} are available")
+    rng = np.random.default_rng(derive_seed("mix_real_and_synthetic", seed))
+    return np.sort(rng.choice(available, size=int(n), replace=False))
+
+
 def mix_real_and_synthetic(real: SliceArrays, synthetic: Mapping[str, Any] | None, n_synthetic: int, seed: int = 0) -> DownstreamData:
     """Real slices plus ``n_synthetic`` synthetic ones drawn without replacement.
 
@@ -537,10 +552,7 @@ def mix_real_and_synthetic(real: SliceArrays, synthetic: Mapping[str, Any] | Non
     if "passed" in synthetic:
         available = np.flatnonzero(np.asarray(synthetic["passed"], dtype=bool))
         what = f"synthetic samples that passed the filter (of {len(image)})"
-    if n_synthetic > len(available):
-        raise ValueError(f"asked for {n_synthetic} synthetic samples but only {len(available)} {what} are available")
-    rng = np.random.default_rng(derive_seed("mix_real_and_synthetic", seed))
-    chosen = np.sort(available[rng.choice(len(available), size=int(n_synthetic), replace=False)])
+    chosen = available[draw_synthetic(len(available), int(n_synthetic), seed, what)]
     syn_image = image[chosen].astype(np.float32)
     syn_label = label[chosen]
     if syn_image.min() < 0 or syn_image.max() > 1 or not np.isfinite(syn_image).all():

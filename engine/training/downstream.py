@@ -136,8 +136,8 @@ def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]
         parts: the run's ``train`` and ``val`` slice arrays when the caller has them already
             (:func:`engine.training.prepare.prepare_arrays`; default: prepared here).
     """
-    from engine.synthesis.store import read_synthetic_arrays
-    from engine.training.data import mix_real_and_synthetic
+    from engine.synthesis.store import read_synthetic_arrays, synthetic_rows
+    from engine.training.data import draw_synthetic, mix_real_and_synthetic
     from engine.training.prepare import prepare_arrays
     from engine.training.runner import launch
 
@@ -146,8 +146,16 @@ def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]
     stage: DownstreamStageConfig = cfg.downstream
     url = stage.synthetic or cfg.synthesis.store_url(cfg.run_dir)
     options = cfg.synthesis.storage_options if url == cfg.synthesis.store_url(cfg.run_dir) else None
-    synthetic = (read_synthetic_arrays(url, storage_options=options, min_dice=stage.synthetic_min_dice)
-                 if stage.n_synthetic else None)
+    synthetic = None
+    if stage.n_synthetic:
+        # the draw first (from the row arrays), then only the drawn samples' images are read: a
+        # store of millions of candidates is never loaded whole; mix_real_and_synthetic draws the
+        # same samples from what it is given (draw_synthetic), so here it takes all n of them
+        available = synthetic_rows(url, storage_options=options, min_dice=stage.synthetic_min_dice)
+        what = (f"synthetic samples with Dice > {stage.synthetic_min_dice}" if stage.synthetic_min_dice is not None
+                else "synthetic samples that passed the filter") + f" in {url}"
+        drawn = available[draw_synthetic(len(available), stage.n_synthetic, stage.loop.seed, what)]
+        synthetic = read_synthetic_arrays(url, storage_options=options, min_dice=stage.synthetic_min_dice, rows=drawn)
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
     sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic), strict=True) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
