@@ -305,6 +305,29 @@ def test_shard_reader_reads_what_zarr_reads_with_the_arrays_in_flight_at_once():
     np.testing.assert_array_equal(results[0]["image"], np.asarray(group["image"][0:4]))
 
 
+@pytest.mark.parametrize("where", ["local folder", "memory store", "group below the store's root", "fsspec memory"])
+def test_completed_shards_from_a_listing_equal_the_flags(tmp_path, where):
+    """The complete shards found by listing the flag objects are those whose flag reads 1, wherever
+    the store and its group sit; a flag reset to 0 is no object (zarr's fill value)."""
+    from zarr.storage import MemoryStore, StorePath
+
+    from engine.synthesis.store import _listed_flags
+
+    layout = StoreLayout(rows=5 * 4, height=4, width=4, shard_size=4)
+    url = {"local folder": str(tmp_path / "s.zarr"), "memory store": MemoryStore(),
+           "group below the store's root": StorePath(MemoryStore(), "runs/demo/s.zarr"),
+           "fsspec memory": f"memory://flags-{tmp_path.name}/s.zarr"}[where]
+    group = create_store(url, layout, {})
+    assert _listed_flags(group[MARKER]) is not None  # the listing, not the fallback, answers
+    assert completed_shards(group).tolist() == [False] * 5
+    for shard in (0, 2, 3, 4):
+        group[MARKER][shard] = 1
+    group[MARKER][4] = 0  # reset: zarr deletes the object of a fill-value chunk
+    expected = [True, False, True, True, False]
+    assert completed_shards(group).tolist() == expected == completed_shards(group, read_flags=True).tolist()
+    assert completed_shards(open_store(url) if isinstance(url, str) else zarr.open_group(url, mode="r")).tolist() == expected
+
+
 def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
     cfg, summary = done_run
     url = cfg.synthesis.store_url(cfg.run_dir)

@@ -107,7 +107,7 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> t
         problems.append(f"{MARKER}: {group[MARKER].shape[0]} entries for {layout.shards} shards")
         return {"rows": n}, problems
     threshold = attrs.get("config", {}).get("threshold")
-    done = completed_shards(group)
+    done = completed_shards(group, read_flags=True)  # the flags' values, not only their objects
     incomplete = np.flatnonzero(~done)
     if len(incomplete):
         problems.append(f"{len(incomplete)} of {layout.shards} shard(s) incomplete: "

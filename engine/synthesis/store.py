@@ -155,9 +155,46 @@ def update_attrs(group, **values: Any) -> None:
     group.attrs[ATTRS_KEY] = attrs
 
 
-def completed_shards(group) -> np.ndarray:
-    """bool [n_shards]: which shards were written whole."""
-    return np.asarray(group[MARKER][:], dtype=np.uint8) == 1
+def completed_shards(group, read_flags: bool = False) -> np.ndarray:
+    """bool [n_shards]: which shards were written whole (their ``shard_complete`` flag is 1).
+
+    A flag is 0 (the array's fill value, which zarr does not store) or 1, so the complete shards
+    are the flag objects that exist: found by listing the flag array's objects, one LIST request
+    per 1000 shards on object storage where reading every flag costs one GET per shard (the
+    driver asks at every start and end of a run; a million candidates are ~31k shards).
+    ``read_flags`` reads every flag instead (``check-store``), as does any store that cannot list.
+    """
+    flags = group[MARKER]
+    listed = None if read_flags else _listed_flags(flags)
+    if listed is not None:
+        return listed
+    return np.asarray(flags[:], dtype=np.uint8) == 1
+
+
+def _listed_flags(flags) -> np.ndarray | None:
+    """Which flags of the 1-d, one-per-chunk, zero-filled v3 array ``flags`` have an object,
+    from one listing of its objects; None where that does not say it (another layout, a store
+    that cannot list)."""
+    from zarr.core.sync import sync
+
+    meta, store, path = flags.metadata, flags.store_path.store, flags.store_path.path
+    if (getattr(meta, "zarr_format", None) != 3 or len(flags.shape) != 1 or tuple(flags.chunks) != (1,)
+            or flags.fill_value != 0 or not store.supports_listing):
+        return None
+    prefix = f"{path}/" if path else ""
+    keys = {prefix + meta.encode_chunk_key((i,)): i for i in range(flags.shape[0])}
+    fs = getattr(store, "fs", None)  # an fsspec store: its cached listings could predate other writers'
+    if fs is not None and hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()
+
+    async def listing():
+        return [key async for key in store.list_prefix(prefix)]
+
+    done = np.zeros(flags.shape[0], dtype=bool)
+    for key in sync(listing()):
+        if key in keys:
+            done[keys[key]] = True
+    return done
 
 
 class _ShardEncoder:
