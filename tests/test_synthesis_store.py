@@ -305,6 +305,27 @@ def test_shard_reader_reads_what_zarr_reads_with_the_arrays_in_flight_at_once():
     np.testing.assert_array_equal(results[0]["image"], np.asarray(group["image"][0:4]))
 
 
+def test_whole_row_arrays_are_read_with_many_chunks_in_flight():
+    """A row array is one chunk per shard: read whole (passed, dice, ... of a large store) with
+    more chunk reads in flight than zarr's default of 10, and the same values."""
+    from zarr.storage import MemoryStore
+
+    from engine.synthesis.store import READ_CONCURRENCY, read_arrays
+
+    layout = StoreLayout(rows=40, height=2, width=2, shard_size=1)  # 40 shards: 40 chunks per row array
+    memory = MemoryStore()
+    group = create_store(memory, layout, {})
+    passed = np.arange(40) % 3 == 0
+    group["passed"][:] = passed
+    group["dice"][:] = np.linspace(0, 1, 40, dtype=np.float32)
+    store = _InFlightStore.wrap(memory)
+    type(store).peak = 0
+    got = read_arrays(zarr.open_group(store=store, mode="r"), ("passed", "dice"))
+    assert np.array_equal(got["passed"], passed) and np.allclose(got["dice"], np.linspace(0, 1, 40))
+    assert READ_CONCURRENCY > zarr.config.get("async.concurrency")
+    assert type(store).peak >= 40  # zarr's default of 10 chunks per array would keep 20 in flight
+
+
 @pytest.mark.parametrize("where", ["local folder", "memory store", "group below the store's root", "fsspec memory"])
 def test_completed_shards_from_a_listing_equal_the_flags(tmp_path, where):
     """The complete shards found by listing the flag objects are those whose flag reads 1, wherever

@@ -121,14 +121,15 @@ def store_alignment(url: str, threshold: float, storage_options: dict | None = N
     ``threshold``) and Dice-TP, the mean Dice over candidates whose scar the reward model found at
     all (Dice > 0: the conditioning scar always holds scar, so these are its true positives; a
     prediction that misses the scar entirely counts as not found). Also the Dice values (histograms)."""
-    from engine.synthesis.store import open_store, store_attrs
+    from engine.synthesis.store import open_store, read_arrays, store_attrs
 
     group = open_store(url, "r", storage_options)
-    dice = np.asarray(group["dice"][:], np.float64)
-    made = np.asarray([not str(r) for r in group["skip_reason"][:]], bool)
+    rows = read_arrays(group, ("dice", "skip_reason", "passed"))
+    dice = np.asarray(rows["dice"], np.float64)
+    made = np.asarray([not str(r) for r in rows["skip_reason"]], bool)
     # the filter's own decision, not the stored float32 Dice compared again (a Dice of exactly the
     # threshold, e.g. 0.6 = 2*3/10, reads back as 0.6000000238 > 0.6)
-    passed = np.asarray(group["passed"][:], bool)[made]
+    passed = np.asarray(rows["passed"], bool)[made]
     stored = store_attrs(group).get("config", {}).get("threshold")
     if stored is not None and abs(float(stored) - threshold) > 1e-9:
         raise ValueError(f"{url}: the store was filtered at Dice > {stored}, the evaluation asks for {threshold}")

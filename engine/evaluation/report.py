@@ -138,14 +138,14 @@ def realism_figure(result: dict[str, Any], items_real: np.ndarray | None, scars:
 
 def samples_figure(result: dict[str, Any], path: Path, storage_options=None, count: int = 6) -> None:
     """Per method, the first kept samples: image, conditioning contour (orange), predicted scar (cyan)."""
-    from engine.synthesis.store import open_store
+    from engine.synthesis.store import open_store, read_arrays
 
     methods = list(result["methods"])
     fig = _figure(len(methods), count)
     axes = fig.subplots(len(methods), count, squeeze=False)
     for r, method in enumerate(methods):
         group = open_store(result["methods"][method]["store"], "r", storage_options)
-        kept = np.flatnonzero(np.asarray(group["passed"][:], bool))[:count]
+        kept = np.flatnonzero(np.asarray(read_arrays(group, ("passed",))["passed"], bool))[:count]
         for c in range(count):
             ax = axes[r][c]
             ax.set_axis_off()
