@@ -49,8 +49,8 @@ from engine.io.crop import LVCentredCrop
 __all__ = [
     "DownstreamData", "SliceArrays", "SliceDataConfig", "build_slice_arrays", "concat", "conditions", "derive_seed",
     "dilate_masks", "draw_synthetic", "image_label", "inpainting_arrays", "masked_image", "mix_real_and_synthetic",
-    "normalize_intensity", "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select", "split_arrays",
-    "synthesis_candidates",
+    "normalize_intensity", "patients_in", "positive_weighted_sampler_weights", "segmentation_arrays", "select",
+    "split_arrays", "synthesis_candidates",
 ]
 
 # Levels a parametric scar can be drawn on (the apex cap has no AHA ring to place it in).
