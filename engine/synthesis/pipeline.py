@@ -40,6 +40,7 @@ from engine.synthesis.store import (
     completed_shards,
     create_store,
     open_store,
+    read_arrays,
     store_attrs,
     store_exists,
     update_attrs,
@@ -279,8 +280,9 @@ class SynthesisJob:
 
 def summarize(group) -> dict[str, Any]:
     """Counts of a store: candidates, made, skipped, kept, pass rate, complete shards."""
-    passed = np.asarray(group["passed"][:], bool)
-    skip = np.asarray([bool(str(r)) for r in group["skip_reason"][:]], bool)
+    rows = read_arrays(group, ("passed", "skip_reason"))  # one chunk per shard each, many in flight
+    passed = np.asarray(rows["passed"], bool)
+    skip = np.asarray([bool(str(r)) for r in rows["skip_reason"]], bool)
     done = completed_shards(group)
     made = int((~skip).sum())
     return {"candidates": int(len(passed)), "made": made, "skipped": int(skip.sum()), "kept": int(passed.sum()),
