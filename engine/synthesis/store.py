@@ -44,6 +44,7 @@ TEXT_ARRAYS = ("sample_id", "source", "caption", "spec", "skip_reason")
 MARKER = "shard_complete"
 REQUIRED = ("image", "label", "passed")
 READ_CONCURRENCY = 64  # chunk reads in flight while a whole array is read (zarr's default: 10)
+SHARDS_PER_READ_TASK = 4  # shards a Ray Data read call fetches at once (one store opening for them)
 
 
 @dataclass(frozen=True)
@@ -946,14 +947,14 @@ def iter_shard_samples(group, shard: int, passed_only: bool = True,
                        reader: ShardReader | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one shard as dicts (channel-first ``image``/``label``/``condition`` [1, H, W]);
     ``reader``: a :class:`ShardReader` of ``group`` to reuse across shards."""
-    rows = (reader or ShardReader(group, SAMPLE_ARRAYS)).read(shard)
+    yield from _shard_samples((reader or ShardReader(group, SAMPLE_ARRAYS)).read(shard), passed_only)
+
+
+def _shard_samples(rows: Mapping[str, np.ndarray], passed_only: bool) -> Iterator[dict[str, Any]]:
+    """The sample dicts of one shard's rows (:data:`SAMPLE_ARRAYS`), passed ones only if asked."""
     for j in range(len(rows["passed"])):
-        if passed_only and not rows["passed"][j]:
-            continue
-        yield {"image": rows["image"][j][None].astype(np.float32), "label": rows["label"][j][None],
-               "condition": rows["condition"][j][None], "dice": float(rows["dice"][j]),
-               "passed": bool(rows["passed"][j]), "caption": str(rows["caption"][j]),
-               "source": str(rows["source"][j]), "sample_id": str(rows["sample_id"][j])}
+        if not passed_only or rows["passed"][j]:
+            yield _sample({name: rows[name][j] for name in SAMPLE_ARRAYS})
 
 
 class SyntheticDataset:
@@ -1013,10 +1014,14 @@ class SyntheticDataset:
 
 def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: dict | None,
                        passed_only: bool, layout: StoreLayout) -> dict[str, Any]:
-    """Ray Data task: shard indices -> their samples as columns (``layout``: read once by the driver)."""
-    group = open_store(url, "r", storage_options)
-    reader = ShardReader(group, SAMPLE_ARRAYS, layout)
-    samples = [s for shard in batch["shard"] for s in iter_shard_samples(group, int(shard), passed_only, reader)]
+    """Ray Data task: shard indices -> their samples as columns (``layout``: read once by the
+    driver; the batch's shards read through one reader, all in flight at once)."""
+    reader = ShardReader(open_store(url, "r", storage_options), SAMPLE_ARRAYS, layout)
+    samples = []
+    for shard, rows in reader.iter_shards([int(s) for s in batch["shard"]], ahead=len(batch["shard"])):
+        if isinstance(rows, Exception):
+            raise ValueError(f"{url}: shard {shard} unreadable ({type(rows).__name__}: {rows})") from rows
+        samples += _shard_samples(rows, passed_only)
     keys = SAMPLE_ARRAYS
     if not samples:
         shape = (0, 1, layout.height, layout.width)
@@ -1033,14 +1038,14 @@ def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: 
 
 
 def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
-    """The store as a Ray Dataset, one row per sample (columns as :class:`SyntheticDataset`),
-    read shard by shard in parallel tasks; only passed samples by default."""
+    """The store as a Ray Dataset, one row per sample (columns as :class:`SyntheticDataset`), read
+    in parallel tasks, :data:`SHARDS_PER_READ_TASK` shards a call; only passed samples by default."""
     import ray
 
     group = open_store(url, "r", storage_options)
     layout = StoreLayout.of_group(group)
     shards = ray.data.from_items([{"shard": i} for i in range(layout.shards)],
                                  override_num_blocks=max(1, min(layout.shards, 200)))
-    return shards.map_batches(_read_shards_batch, batch_size=1,
+    return shards.map_batches(_read_shards_batch, batch_size=SHARDS_PER_READ_TASK,
                               fn_kwargs={"url": url, "storage_options": _storage_options(url, storage_options),
                                          "passed_only": passed_only, "layout": layout})
