@@ -732,8 +732,8 @@ class ShardReader:
     """
 
     def __init__(self, group, names: tuple[str, ...] | None = None, layout: StoreLayout | None = None):
-        self.names = tuple(names or (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS))
-        self.arrays = {name: array.async_array for name, array in _open_arrays(group, self.names).items()}
+        names = tuple(names or (*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS))
+        self.arrays = {name: array.async_array for name, array in _open_arrays(group, names).items()}
         self._group, self._layout = group, layout
 
     @property
@@ -750,10 +750,14 @@ class ShardReader:
         return {name: np.asarray(value) for name, value in zip(self.arrays, values, strict=True)}
 
     def _submit(self, selection):
-        """A concurrent future of ``{name: array[selection]}``."""
+        """A concurrent future of ``{name: array[selection]}`` (several: a list of such dicts)."""
         import asyncio
 
-        return asyncio.run_coroutine_threadsafe(self._get(selection), _zarr_loop())
+        async def get_many(selections):
+            return list(await asyncio.gather(*(self._get(one) for one in selections)))
+
+        coroutine = get_many(selection) if isinstance(selection, list) else self._get(selection)
+        return asyncio.run_coroutine_threadsafe(coroutine, _zarr_loop())
 
     def select(self, selection) -> dict[str, np.ndarray]:
         """``array[selection]`` of every array (a basic selection: an int, a slice), fetched at once
@@ -775,12 +779,7 @@ class ShardReader:
     def rows(self, indices) -> list[dict[str, Any]]:
         """:meth:`row` of each of ``indices``, every array of every row fetched at once (a batch of
         samples in one round trip's latency, not one per sample)."""
-        import asyncio
-
-        async def all_rows():
-            return await asyncio.gather(*(self._get(int(i)) for i in indices))
-
-        return asyncio.run_coroutine_threadsafe(all_rows(), _zarr_loop()).result()
+        return self._submit([int(i) for i in indices]).result()
 
     def iter_shards(self, shards, ahead: int = 8) -> Iterator[tuple[int, dict[str, np.ndarray] | Exception]]:
         """``(shard, rows)`` for each of ``shards`` in order, up to ``ahead`` of them fetched at once;
@@ -808,13 +807,6 @@ def read_arrays(group, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     fetched at once with :data:`READ_CONCURRENCY` chunk reads in flight per array: on object
     storage a row array of a million candidates is ~31k chunks, one per shard."""
     return ShardReader(group, tuple(names)).select(slice(None))
-
-
-def read_shard(group, shard: int, names: tuple[str, ...] | None = None,
-               layout: StoreLayout | None = None) -> dict[str, np.ndarray]:
-    """All rows of one shard (``names``: which arrays; default all of the schema); for many
-    shards, one :class:`ShardReader`."""
-    return ShardReader(group, names, layout).read(shard)
 
 
 def _text(values: np.ndarray) -> list[str]:
@@ -866,13 +858,10 @@ def _synthetic_selection(url: str, passed_only: bool, storage_options: dict | No
     missing = [name for name in REQUIRED if name not in group]
     if missing:
         raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
+    if min_dice is not None:  # select_samples reads passed itself
+        return group, select_samples(group, float(min_dice), url), np.ones(group["passed"].shape[0], dtype=bool)
     passed = np.asarray(read_arrays(group, ("passed",))["passed"], dtype=bool)
-    if min_dice is not None:
-        keep = select_samples(group, float(min_dice), url)
-        passed = np.ones(len(passed), dtype=bool)
-    else:
-        keep = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
-    return group, keep, passed
+    return group, np.flatnonzero(passed) if passed_only else np.arange(len(passed)), passed
 
 
 def synthetic_rows(url: str, passed_only: bool = True, storage_options: dict | None = None,
@@ -941,13 +930,6 @@ def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
         "source": str(row["source"]),
         "sample_id": str(row["sample_id"]),
     }
-
-
-def iter_shard_samples(group, shard: int, passed_only: bool = True,
-                       reader: ShardReader | None = None) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as dicts (channel-first ``image``/``label``/``condition`` [1, H, W]);
-    ``reader``: a :class:`ShardReader` of ``group`` to reuse across shards."""
-    yield from _shard_samples((reader or ShardReader(group, SAMPLE_ARRAYS)).read(shard), passed_only)
 
 
 def _shard_samples(rows: Mapping[str, np.ndarray], passed_only: bool) -> Iterator[dict[str, Any]]:
