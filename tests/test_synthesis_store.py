@@ -515,6 +515,51 @@ def test_check_store_reports_each_kind_of_damage(done_run, tmp_path, capsys, wha
     assert message in out and url in out
 
 
+def test_check_store_compares_dice_as_the_filter_stored_it(done_run, tmp_path, capsys):
+    """A Dice of exactly the threshold (0.6 = 2*3/10, stored as float32 0.6000000238) did not pass
+    the filter; check-store must agree, not pass it in float64."""
+    import shutil
+
+    from engine.synthesis.store import store_attrs, update_attrs
+
+    cfg, _ = done_run
+    url = str(tmp_path / "copy.zarr")
+    shutil.copytree(cfg.synthesis.store_url(cfg.run_dir), url)
+    group = open_store(url, "r+")
+    update_attrs(group, config={**store_attrs(group)["config"], "threshold": 0.6})
+    passed = np.asarray(group["passed"][:], bool)
+    assert passed[2]
+    dice = np.where(passed, 1.0, 0.0).astype(np.float32)
+    dice[2], passed[2] = 2 * 3 / 10, False
+    group["dice"][:], group["passed"][:] = dice, passed
+    assert main(["check-store", url]) == 0, capsys.readouterr().out
+    group["passed"][2] = True
+    capsys.readouterr()
+    assert main(["check-store", url]) == 1
+    assert "rows 2: passed disagrees with dice > 0.6" in capsys.readouterr().out
+
+
+def test_the_filter_passes_only_a_dice_above_the_threshold_as_stored(base, tmp_path):
+    """A candidate whose Dice is exactly the threshold is rejected, compared on the stored float32."""
+    from engine.synthesis.actors import FilterActor
+
+    cfg = tiny_config(base, tmp_path, ["synthesis.threshold=0.6"])
+    filt = FilterActor(**SynthesisJob(cfg).actor_args()[1])
+    size = cfg.data.crop_size
+    scar = np.zeros((2, 1, size, size), np.uint8)
+    scar[:, 0, 10, 10:15] = 1  # 5 pixels
+    predicted = np.zeros((2, size, size), bool)
+    predicted[0, 10, 12:17] = True  # 3 of 5 shared: Dice 2*3/10 = 0.6
+    predicted[1, 10, 11:16] = True  # 4 of 5 shared: Dice 0.8
+    filt.predict = lambda generated: predicted
+    meta = {"skip_reason": ["", ""], "seed": [1, 2],
+            **{k: ["a", "b"] for k in ("sample_id", "source", "caption", "spec")}}
+    rows = filt.store_rows({"meta": json.dumps(meta), "generated": np.zeros((2, 1, size, size), np.float32),
+                            "scar": scar, "source_label": np.full((2, size, size), 2, np.uint8), "condition": scar})
+    assert rows["dice"].dtype == np.float32 and rows["dice"][0] == np.float32(0.6)
+    assert rows["passed"].tolist() == [False, True]
+
+
 def test_check_store_on_a_missing_store(tmp_path, capsys):
     assert main(["check-store", str(tmp_path / "nothing.zarr")]) == 1
     assert "cannot open the synthetic store" in capsys.readouterr().out

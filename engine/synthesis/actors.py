@@ -227,7 +227,9 @@ class FilterActor:
         made = np.asarray([not r for r in meta["skip_reason"]], bool)
         predicted = self.predict(generated) if len(generated) else np.zeros(scar.shape, bool)
         dice = np.where(made, dice_per_sample(predicted, scar), 0.0).astype(np.float32)
-        passed = made & (dice > self.threshold)
+        # compared as stored (float32): an exact Dice of 0.6 = 2*3/10 is stored as 0.6000000238,
+        # which a float64 comparison would pass and every reader of the store would not
+        passed = made & (dice > np.float32(self.threshold))
         source_label = np.asarray(row["source_label"], np.uint8)
         label = source_label.copy()  # pipeline arrays are read-only views: build new ones
         label[predicted & (source_label == MYOCARDIUM)] = SCAR

@@ -57,7 +57,8 @@ def _shard_problems(rows: dict[str, np.ndarray], start: int, threshold: float | 
     if (passed & skipped).any():
         problems.append(f"rows {where(passed & skipped)}: passed although no scar was drawn")
     if threshold is not None and np.isfinite(dice).all():
-        wrong = passed != ((dice > threshold) & ~skipped)
+        # the filter compares the stored float32 Dice (0.6 = 2*3/10 is stored as 0.6000000238)
+        wrong = passed != ((rows["dice"].astype(np.float32) > np.float32(threshold)) & ~skipped)
         if wrong.any():
             problems.append(f"rows {where(wrong)}: passed disagrees with dice > {threshold}")
     # a kept sample's scar is the filter's prediction inside the myocardium: scar pixels need a
