@@ -350,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+
+# what an interrupted command leaves behind, where it is worth saying
+INTERRUPTED = {
+    "synthesize": ": the shards already written stay complete; the same command makes only the rest",
+}
 
 
 if __name__ == "__main__":

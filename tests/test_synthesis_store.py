@@ -585,6 +585,41 @@ def test_job_entrypoints_take_a_config_and_overrides(job):
         module.parse_args([])
 
 
+def test_ctrl_c_during_synthesize_says_what_stays_and_the_same_command_finishes(base, tmp_path, capsys):
+    """Ctrl-C (SIGINT) of `lgesynth synthesize` in the middle of a run: exit 130 with one line, no
+    traceback; the same command then makes only the shards that were not complete."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.config import dump_config
+
+    cfg = tiny_config(base, tmp_path, ["synthesis.candidates_per_slice=6", "synthesis.num_inference_steps=4"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    command = [sys.executable, "-m", "engine.cli", "synthesize", "--config", str(tmp_path / "c.yaml"), "--sequential"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (Path(url) / "shard_complete" / "c" / "0").exists():  # the first shard is written
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    done = completed_shards(open_store(url))
+    assert 1 <= done.sum() < len(done), "the run ended before the interrupt: make it longer"
+    assert proc.returncode == 130, err
+    assert "lgesynth synthesize: interrupted: the shards already written stay complete" in err
+    assert "Traceback" not in err
+    lines = []
+    summary = synthesize(cfg, sequential=True, log=lines.append)
+    assert f"{len(done) - done.sum()} shard(s)" in lines[0] and f"{done.sum()} already complete" in lines[0]
+    assert summary["shards_complete"] == len(done) and check_store(url)[1] == []
+
+
 def test_synthesize_without_trained_models_is_a_clear_error(base, tmp_path, capsys):
     from engine.config import dump_config
 
