@@ -184,3 +184,28 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+
+
+def test_a_read_call_without_kept_samples_leaves_the_columns_typed(ray_cluster, reference, tmp_path, monkeypatch):
+    """A Ray Data read call whose shards kept nothing (common at a pass rate of a few percent) adds
+    no rows rather than an empty batch, which Ray Data would type as pickled objects and null texts:
+    where it is the first block, that became the dataset's schema."""
+    import shutil
+
+    import engine.synthesis.store as store
+
+    url = str(tmp_path / "copy.zarr")
+    shutil.copytree(reference.store_path.store.root, url)
+    group = open_store(url, "r+")
+    passed = np.asarray(group["passed"][:], bool)
+    passed[:4] = False  # shard 0 (shards of 4) keeps nothing
+    group["passed"][:] = passed
+    monkeypatch.setattr(store, "SHARDS_PER_READ_TASK", 1)  # one shard a read call
+    dataset = read_store_dataset(url).materialize()
+    assert dataset.count() == passed.sum() == 8
+    schema = dataset.schema()
+    types = dict(zip(schema.names, schema.types, strict=True))
+    assert types["image"].extension_name == "ray.data.arrow_tensor_v2", schema
+    assert types["image"].shape == (1, 64, 64) and str(types["caption"]) == "string", schema
+    batch = next(iter(dataset.select_columns(["image", "dice"]).iter_torch_batches(batch_size=8)))
+    assert batch["image"].shape == (8, 1, 64, 64)

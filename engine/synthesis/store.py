@@ -995,28 +995,25 @@ class SyntheticDataset:
 
 
 def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: dict | None,
-                       passed_only: bool, layout: StoreLayout) -> dict[str, Any]:
+                       passed_only: bool, layout: StoreLayout) -> Iterator[dict[str, Any]]:
     """Ray Data task: shard indices -> their samples as columns (``layout``: read once by the
-    driver; the batch's shards read through one reader, all in flight at once)."""
+    driver; the batch's shards read through one reader, all in flight at once). Shards that kept
+    nothing yield no batch: an empty one would become a block Ray Data types as pickled objects and
+    null texts, beside the other blocks' tensors and strings."""
     reader = ShardReader(open_store(url, "r", storage_options), SAMPLE_ARRAYS, layout)
     samples = []
     for shard, rows in reader.iter_shards([int(s) for s in batch["shard"]], ahead=len(batch["shard"])):
         if isinstance(rows, Exception):
             raise ValueError(f"{url}: shard {shard} unreadable ({type(rows).__name__}: {rows})") from rows
         samples += _shard_samples(rows, passed_only)
-    keys = SAMPLE_ARRAYS
     if not samples:
-        shape = (0, 1, layout.height, layout.width)
-        return {"image": np.zeros(shape, np.float32), "label": np.zeros(shape, np.uint8),
-                "condition": np.zeros(shape, np.uint8), "dice": np.zeros(0, np.float32),
-                "passed": np.zeros(0, bool), "caption": np.zeros(0, object), "source": np.zeros(0, object),
-                "sample_id": np.zeros(0, object)}
+        return
     out = {k: np.stack([s[k] for s in samples]) for k in ("image", "label", "condition")}
     out["dice"] = np.asarray([s["dice"] for s in samples], np.float32)
     out["passed"] = np.asarray([s["passed"] for s in samples], bool)
-    for k in keys[5:]:
+    for k in SAMPLE_ARRAYS[5:]:
         out[k] = np.asarray([s[k] for s in samples], dtype=object)
-    return out
+    yield out
 
 
 def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
