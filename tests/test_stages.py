@@ -155,17 +155,40 @@ def test_downstream_takes_any_store_with_image_label_passed_and_counts_what_it_n
     store = str(base / "synthetic.zarr")  # a store of the user's own, only the arrays the reader needs
     rng = np.random.default_rng(0)
     n = 6
-    group = zarr.open_group(store, mode="w")
-    group.create_array("image", data=rng.random((n, 64, 64), dtype=np.float32))
     label = np.zeros((n, 64, 64), np.uint8)
     label[:, 20:40, 20:40] = 2
     label[:, 25:30, 20:40] = 3
-    group.create_array("label", data=label)
-    group.create_array("passed", data=np.array([True] * 4 + [False] * 2))
+    arrays = {"image": rng.random((n, 64, 64), dtype=np.float32), "label": label,
+              "passed": np.array([True] * 4 + [False] * 2)}
+    group = zarr.open_group(store, mode="w")
+    for name, data in arrays.items():
+        group.create_array(name, data=data)
     too_many = stage_config(cfg.run_dir, [f"downstream.synthetic={store}", "downstream.n_synthetic=5",
                                           "downstream.name=downstream-too-many"])
     with pytest.raises(ValueError, match="asked for 5 synthetic samples but only 4 synthetic samples that passed"):
         train_downstream(too_many)  # only the 4 passed samples are available; refused before Ray starts
+
+
+def test_downstream_opens_a_store_on_object_storage_with_the_runs_storage_options(trained_run, s3_endpoint):
+    """``downstream.synthetic`` on an S3 endpoint of its own (MinIO, moto): opened with
+    ``synthesis.storage_options``, as every store of the run (evaluate's method stores too)."""
+    import zarr
+
+    from engine.training.downstream import train_downstream
+    from tests.conftest import make_bucket
+
+    cfg, base, _ = trained_run
+    make_bucket(s3_endpoint, "downstream-own")
+    url = "s3://downstream-own/user.zarr"
+    group = zarr.open_group(url, mode="w", storage_options={"endpoint_url": s3_endpoint})
+    group.create_array("image", data=np.zeros((3, 64, 64), np.float32))
+    group.create_array("label", data=np.zeros((3, 64, 64), np.uint8))
+    group.create_array("passed", data=np.array([True, False, True]))
+    too_many = stage_config(cfg.run_dir, [f"downstream.synthetic={url}", "downstream.n_synthetic=3",
+                                          f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}",
+                                          "downstream.name=downstream-s3"])
+    with pytest.raises(ValueError, match=f"only 2 synthetic samples that passed the filter in {url}"):
+        train_downstream(too_many)  # the store was read (2 passed); refused before Ray starts
 
 
 def test_failure_targeted_loop_steers_the_sampler_and_compares_at_equal_count(trained_run):

@@ -30,7 +30,8 @@ class DownstreamStageConfig:
         model: the DenseNet121 U-Net.
         loop: epochs, batch size, optimizer (``balanced`` on by default).
         ray: workers and resources.
-        synthetic: path or URL of a synthetic store (empty: the run's own, ``synthesis.store``).
+        synthetic: path or URL of a synthetic store (empty: the run's own, ``synthesis.store``),
+            opened with ``synthesis.storage_options`` as every store of the run.
         n_synthetic: filtered synthetic samples added to the real training slices (0: real only).
         synthetic_min_dice: draw the synthetic samples from those with Dice > this instead of those
             that passed the store's filter (None); below the store's own threshold only from a store
@@ -145,7 +146,7 @@ def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]
         parts, _ = prepare_arrays(cfg)
     stage: DownstreamStageConfig = cfg.downstream
     url = stage.synthetic or cfg.synthesis.store_url(cfg.run_dir)
-    options = cfg.synthesis.storage_options if url == cfg.synthesis.store_url(cfg.run_dir) else None
+    options = cfg.synthesis.storage_options  # for every store of the run (a local path takes none)
     synthetic = None
     if stage.n_synthetic:
         # the draw first (from the row arrays), then only the drawn samples' images are read: a
