@@ -316,3 +316,30 @@ def test_reward_model_learns_scar_on_synthetic_rings():
     truth = targets[:, :1].bool()
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.5, f"scar Dice after 60 steps: {dice:.3f}"
+
+
+def test_validation_reads_read_only_arrays_without_warnings():
+    """Validation and the downstream detection read arrays that may be read-only views of Ray's
+    object store: copied per batch, so torch does not warn (once per process, in every trial's log)."""
+    import warnings
+
+    import numpy as np
+
+    from engine.training.data import SliceArrays
+    from engine.training.downstream import patient_scar_areas
+    from engine.training.segmentation import scar_validation
+
+    label = _labels(4, 32).numpy().astype(np.uint8)
+    image = (label[:, None] / 4.0).astype(np.float32)
+    image.setflags(write=False)
+    label.setflags(write=False)
+    reward = build_reward_model(RewardModelConfig(**TINY_REWARD))
+    downstream = build_downstream_model(DownstreamModelConfig(**TINY_DOWNSTREAM))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = scar_validation(reward, image, label, "-1,1", "cpu", batch_size=2)
+        arrays = SliceArrays(image=image, label=label, level=["mid"] * 4, source=["a/1", "a/2", "b/1", "b/2"],
+                             patient_id=["a", "a", "b", "b"], caption=[""] * 4, positive=np.ones(4, bool),
+                             pixel_area_mm2=np.ones(4, np.float32))
+        areas = patient_scar_areas(downstream, arrays, "cpu", batch_size=2)
+    assert metrics["val_slices"] == 4 and sorted(areas) == ["a", "b"]

@@ -83,7 +83,7 @@ def patient_scar_areas(model, arrays, device, batch_size: int = 32) -> dict[str,
     areas: dict[str, float] = {}
     with torch.no_grad():
         for start in range(0, len(arrays), batch_size):
-            x = torch.as_tensor(arrays.image[start:start + batch_size], device=device)
+            x = torch.tensor(arrays.image[start:start + batch_size], device=device)  # a copy: may be a read-only view
             scar = (torch.sigmoid(model(x)[:, 0].float()) > 0.5).sum(dim=(1, 2)).cpu().numpy()
             for pid, pixels in zip(arrays.patient_id[start:start + batch_size], scar, strict=True):
                 areas[pid] = areas.get(pid, 0.0) + float(pixels)

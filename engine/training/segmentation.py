@@ -39,7 +39,8 @@ def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, inpu
     model.eval()
     preds = []
     for start in range(0, len(image), batch_size):
-        x = to_model_range(torch.as_tensor(image[start:start + batch_size], device=device), input_range)
+        # a copy: the arrays may be read-only views of Ray's object store (torch warns on those)
+        x = to_model_range(torch.tensor(image[start:start + batch_size], device=device), input_range)
         preds.append((torch.sigmoid(model(x)[:, :1].float()) > 0.5)[:, 0].cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros(label.shape, bool)
     truth = label >= 3
