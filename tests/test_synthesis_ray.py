@@ -1,6 +1,8 @@
 """The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
 sequential loop, on a local path, memory:// and a real S3 endpoint (moto), and exactly once through
-a killed diffusion actor, a killed worker node and a killed driver."""
+a killed diffusion actor (local, memory, S3), a killed worker node (local, S3) and a killed driver
+(local, S3; memory:// dies with its driver): a versioned bucket shows that no object of a shard that
+was complete is written again by the re-run."""
 
 import os
 import signal
@@ -90,7 +92,29 @@ def _pids(text: str) -> list[int]:
     return out
 
 
-def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0) -> dict:
+def _failure_config(kind: str, base, tmp_path, s3_endpoint):
+    """The slow tiny run writing to a store of ``kind``: the run's local folder, a bucket of its own
+    on the S3 endpoint (versioned: every write of an object is kept, so a rewrite shows), or
+    ``memory://`` (written by the driver); ``(cfg, url, storage_options)``."""
+    if kind == "local":
+        cfg = tiny_config(base, tmp_path, SLOW)
+        return cfg, cfg.synthesis.store_url(cfg.run_dir), None
+    if kind == "memory":
+        url = f"memory://failure-{tmp_path.name}/synthetic.zarr"
+        return tiny_config(base, tmp_path, [*SLOW, f"synthesis.store={url}"]), url, None
+    import boto3
+
+    bucket = f"failure-{tmp_path.name.lower().replace('_', '-')}"[:63]
+    make_bucket(s3_endpoint, bucket)
+    boto3.client("s3", endpoint_url=s3_endpoint).put_bucket_versioning(
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    url, options = f"s3://{bucket}/run/synthetic.zarr", {"endpoint_url": s3_endpoint}
+    cfg = tiny_config(base, tmp_path, [*SLOW, f"synthesis.store={url}",
+                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}"])
+    return cfg, url, options
+
+
+def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0, storage_options=None) -> dict:
     """Run ``action()`` in a thread once ``count`` shards of ``url`` are complete; what it saw."""
     seen: dict = {}
 
@@ -98,7 +122,7 @@ def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0) 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                done = completed_shards(open_store(url, "r"))
+                done = completed_shards(open_store(url, "r", storage_options))
             except Exception:  # noqa: BLE001 - the store does not exist yet or is being created
                 done = np.zeros(0, bool)
             if done.size and done.sum() >= count:
@@ -114,15 +138,15 @@ def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0) 
     return seen
 
 
-def _exactly_once(cfg, total: int) -> None:
-    url = cfg.synthesis.store_url(cfg.run_dir)
-    summary, problems = check_store(url)
+def _exactly_once(url: str, total: int, storage_options=None) -> None:
+    summary, problems = check_store(url, storage_options)
     assert problems == [] and summary["rows"] == total and summary["unique_ids"] == total
 
 
-def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, tmp_path):
-    cfg = tiny_config(base, tmp_path, SLOW)
-    url = cfg.synthesis.store_url(cfg.run_dir)
+@pytest.mark.parametrize("kind", ["local", "memory", "s3"])
+def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, tmp_path, s3_endpoint,
+                                                                           kind):
+    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
 
     def kill_actor():
         pids = _pids("DiffusionActor")
@@ -130,34 +154,52 @@ def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_c
             os.kill(pid, signal.SIGKILL)
         return pids
 
-    seen = _when_shards_complete(url, 2, kill_actor)
+    seen = _when_shards_complete(url, 2, kill_actor, storage_options=options)
     summary = synthesize(cfg, log=QUIET)
     seen["thread"].join(5)
     assert seen["result"], "no diffusion actor process was found to kill"
     assert seen["complete_at_action"] < seen["total"], "the run ended before the actor was killed"
     assert summary["written"] == 20 and summary["shards_complete"] == 10
-    _exactly_once(cfg, 20)
+    _exactly_once(url, 20, options)
 
 
-def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path):
-    cfg = tiny_config(base, tmp_path, SLOW)
-    url = cfg.synthesis.store_url(cfg.run_dir)
-    seen = _when_shards_complete(url, 2, lambda: ray_cluster["kill_worker"]() or True)
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path, s3_endpoint, kind):
+    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
+    seen = _when_shards_complete(url, 2, lambda: ray_cluster["kill_worker"]() or True, storage_options=options)
     try:
         summary = synthesize(cfg, log=QUIET)
         seen["thread"].join(5)
         assert seen.get("result"), "the worker node was not killed"
         assert seen["complete_at_action"] < seen["total"], "the run ended before the node was killed"
         assert summary["written"] == 20 and summary["shards_complete"] == 10
-        _exactly_once(cfg, 20)
+        _exactly_once(url, 20, options)
     finally:
         seen["thread"].join(60)
         ray_cluster["start_worker"]()
 
 
-def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path):
-    cfg = tiny_config(base, tmp_path, SLOW)
-    url = cfg.synthesis.store_url(cfg.run_dir)
+def _writes(url: str, shards, storage_options) -> dict:
+    """How the objects of ``shards`` were written: each shard's ``sample_id`` chunk's mtime (a local
+    store), or each of their objects' number of versions (a versioned bucket: a rewrite adds one)."""
+    if "://" not in url:
+        return {i: (Path(url) / "sample_id" / "c" / str(i)).stat().st_mtime_ns for i in shards}
+    import boto3
+
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    client = boto3.client("s3", endpoint_url=storage_options["endpoint_url"])
+    versions: dict[str, int] = {}
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for version in page.get("Versions", []):
+            parts = version["Key"][len(prefix) + 1:].split("/")  # <array>/c/<shard>/...
+            if len(parts) > 2 and parts[1] == "c" and int(parts[2]) in shards:
+                versions[version["Key"]] = versions.get(version["Key"], 0) + 1
+    return versions
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path, s3_endpoint, kind):
+    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
     config = tmp_path / "run.yaml"
     dump_config(cfg, config)
     # The killed driver's Ray Data resource request lapses 15 s after its last renewal (every 10 s)
@@ -166,21 +208,24 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
            "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15"}
     driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    seen = _when_shards_complete(url, 2, lambda: os.killpg(driver.pid, signal.SIGKILL) or True)
+    seen = _when_shards_complete(url, 2, lambda: os.killpg(driver.pid, signal.SIGKILL) or True,
+                                 storage_options=options)
     try:
         driver.wait(timeout=300)
         seen["thread"].join(5)
         assert seen.get("result"), "the driver finished before it could be killed"
-        group = open_store(url, "r")
+        group = open_store(url, "r", options)
         done = completed_shards(group)
         assert 0 < done.sum() < done.size
-        kept_files = {i: (Path(url) / "sample_id" / "c" / str(i)) for i in np.flatnonzero(done)}
-        mtimes = {i: p.stat().st_mtime_ns for i, p in kept_files.items()}
+        kept = set(np.flatnonzero(done).tolist())
+        before = _writes(url, kept, options)
+        if options:  # every object of a complete shard written once, its flag among them
+            assert set(before.values()) == {1} and sum("shard_complete/" in key for key in before) == len(kept)
         missing_rows = sum(min(2, 20 - 2 * int(i)) for i in np.flatnonzero(~done))
         summary = synthesize(cfg, log=QUIET)
         assert summary["written"] == missing_rows and summary["shards_complete"] == 10
-        assert {i: p.stat().st_mtime_ns for i, p in kept_files.items()} == mtimes  # not rewritten
-        _exactly_once(cfg, 20)
+        assert _writes(url, kept, options) == before  # the complete shards were not rewritten
+        _exactly_once(url, 20, options)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
