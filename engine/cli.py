@@ -350,14 +350,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        what = f" ({err})" if str(err) else ""
+        print(f"{PROG} {args.command}: interrupted{what}{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 # what an interrupted command leaves behind, where it is worth saying
 INTERRUPTED = {
     "synthesize": ": the shards already written stay complete; the same command makes only the rest",
+    "sweep": ": the finished trials are kept; the same command resumes the sweep",
+    "evaluate": ": the models already trained are kept; the same command scores them and trains the rest",
+    "loop": ": the stores and models already made are kept; the same command reuses them",
+    "train": ": the checkpoints saved so far are kept; the same command continues from the latest",
 }
 
 

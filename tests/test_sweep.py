@@ -250,10 +250,9 @@ DOWNSTREAM_TINY = [
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunning(ray_cluster, tmp_path_factory):
-    import zarr
-
-    from engine.evaluation.sweep import sweep
+def _tiny_paste_run(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A tiny run with a paste store of 12 candidates (all kept, rejected images too): ``(base,
+    run_dir, the store's config overrides)``."""
     from engine.synthesis.pipeline import synthesize
     from tests.synth_helpers import make_tiny_run, tiny_config
 
@@ -262,6 +261,16 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
     store_args = ["synthesis.method=paste", "synthesis.threshold=-1.0", "synthesis.keep_rejected=true",
                   "synthesis.max_candidates=12"]
     synthesize(tiny_config(base, run_dir, store_args), sequential=True, log=lambda _: None)
+    return base, run_dir, store_args
+
+
+def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunning(ray_cluster, tmp_path_factory):
+    import zarr
+
+    from engine.evaluation.sweep import sweep
+    from tests.synth_helpers import tiny_config
+
+    base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
     dice = np.unique(zarr.open_group(str(run_dir / "synthetic.zarr"), mode="r")["dice"][:])
     strict = float(dice[-3])  # the two highest Dice values lie above it: fewer samples than asked for
     expected = {-1.0: 12, strict: int((zarr.open_group(str(run_dir / "synthetic.zarr"), mode="r")["dice"][:] > np.float32(strict)).sum())}
@@ -309,6 +318,51 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
                                         "sweep.seeds=[0]", "sweep.thresholds=[-1.0]", "sweep.name=tiny"])
     with pytest.raises(ValueError, match="started with other settings"):
         sweep(other, log=log.append)
+
+
+def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(ray_cluster, tmp_path_factory):
+    """`lgesynth sweep` on the cluster, Ctrl-C (SIGINT) while its trials train: exit 130 with one line
+    and no results; the same command restores the experiment and runs the trials that were running.
+    (Ray Tune's own handler recorded them as finished without a result and returned: the sweep read
+    them as failed, and a restore never ran them again.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.config import dump_config
+    from engine.evaluation.sweep import sweep
+    from tests.synth_helpers import tiny_config
+
+    base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
+    slow = ["downstream.loop.epochs=100", "downstream.loop.max_steps=30"]  # still training at the interrupt
+    cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, *slow, "sweep.methods=[paste]",
+                                      "sweep.n_synthetic=[0,2,4]", "sweep.thresholds=[-1.0]", "sweep.seeds=[0]",
+                                      "sweep.name=interrupted"])
+    dump_config(cfg, run_dir / "sweep.yaml")
+    out = run_dir / "sweeps" / "interrupted"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1])}
+    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", "--config", str(run_dir / "sweep.yaml")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*/params.json")):  # the trials have started
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            time.sleep(0.1)
+        time.sleep(2.0)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, err[-3000:]
+    assert "lgesynth sweep: interrupted: the finished trials are kept; the same command resumes the sweep" in err
+    assert not (out / "sweep.json").exists() and not (out / "results.md").exists()
+    again = sweep(cfg, log=lambda _: None)  # the trials of the killed driver die with it
+    assert again["restored"] and again["errors"] == [] and 1 <= again["trials_run"] <= 3
+    assert [(r["method"], r["threshold"], r["n_synthetic"]) for r in again["rows"]] == [
+        (REAL, None, 0), ("paste", -1.0, 2), ("paste", -1.0, 4)]
+    assert (out / "sweep.json").is_file()
 
 
 def test_settings_that_train_the_same_model_are_one_trial_and_report_on_each_setting():

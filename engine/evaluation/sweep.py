@@ -622,14 +622,33 @@ def _run_tuner(cfg, trainable, trained, grid, stores, seeds, out_dir: Path, call
             run_config=tune.RunConfig(name=out_dir.name, storage_path=str(out_dir.parent), callbacks=list(callbacks),
                                       verbose=1),
         )
-    with _credentials_hidden():
-        trials, errors = _collect(tuner.fit())
+    with _credentials_hidden(), _ctrl_c_raises():
+        results = tuner.fit()
+    trials, errors = _collect(results)
     return expand_trials(trials, grid, stores), expand_trials(errors, grid, stores)
 
 
 # What Ray Tune copies from the driver's environment into every trial actor's runtime_env
 # (ray/tune/execution/class_cache.py), where Ray's runtime-env agent logs it in plain text.
 TUNE_FORWARDED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in ``Tuner.fit`` as anywhere else. Ray Tune's own
+    handler stops the running trials, records them as finished (TERMINATED, without their result)
+    and returns: the sweep would read them as failed and a restore would never run them again. With
+    it off, the experiment state on disk is Tune's last periodic one, where those trials are still
+    running: the same command restores them and runs them again."""
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
 
 
 @contextlib.contextmanager
