@@ -158,14 +158,21 @@ import sys, ray
 from engine.training._toy import toy_train_fn
 from engine.training.distributed import RayTrainConfig, fit
 ray.init(address=sys.argv[1], logging_level="WARNING")
-fit(toy_train_fn, {**eval(sys.argv[2])}, name="toy-driver", run_dir=sys.argv[3],
-    cfg=RayTrainConfig(num_workers=2, checkpoint_every_steps=4, keep_checkpoints=2))
+try:
+    fit(toy_train_fn, {**eval(sys.argv[2])}, name="toy-driver", run_dir=sys.argv[3],
+        cfg=RayTrainConfig(num_workers=2, checkpoint_every_steps=4, keep_checkpoints=2))
+except KeyboardInterrupt as err:
+    print(f"interrupted: {err}", file=sys.stderr)
+    sys.exit(130)
 """
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path):
+@pytest.mark.parametrize("end", ["killed", "ctrl-c"])
+def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path, end):
+    """The driver dies mid-run: SIGKILL (no cleanup), or Ctrl-C (SIGINT: Ray Train aborts the run;
+    fit raises KeyboardInterrupt rather than Ray's bare SystemExit(1)); the next fit continues."""
     import ray
 
     _, _, uninterrupted = completed_run
@@ -173,7 +180,7 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
     started = time.perf_counter()
     slow = {**TOY, "step_seconds": 0.2}
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(slow), run_dir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         seen = None
         while seen is None or read_checkpoint_state(seen)["step"] < 4:
@@ -181,15 +188,23 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
             assert time.perf_counter() - started < 120, "no checkpoint within 120 s"
             time.sleep(0.2)
             seen = latest_checkpoint_path(run_dir, "toy-driver")
+        if end == "ctrl-c":
+            driver.send_signal(signal.SIGINT)
+            _, err = driver.communicate(timeout=60)
+            assert driver.returncode == 130 and "interrupted: run 'toy-driver' aborted" in err, err[-2000:]
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
-        driver.wait()
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
+        driver.communicate()
     killed_at = read_checkpoint_state(seen)["step"]
     while ray.available_resources().get("CPU", 0) < 2:  # Ray reclaims the dead job's workers
         assert time.perf_counter() - started < 180, "the dead driver's workers still hold the CPUs"
         time.sleep(0.5)
 
+    handler = signal.getsignal(signal.SIGINT)
     result = fit(toy_train_fn, TOY, name="toy-driver", run_dir=run_dir, cfg=_cfg())
+    # Ray Train's Ctrl-C handler is not left behind: it swallowed a later Ctrl-C ("aborting" a run long over)
+    assert signal.getsignal(signal.SIGINT) is handler
     print(f"\n[timing] driver killed at step >= {killed_at}, then fit again: {time.perf_counter() - started:.1f} s")
     state, weights = _weights(result.checkpoint.path)
     assert state["step"] == 16

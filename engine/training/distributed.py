@@ -56,8 +56,10 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
@@ -386,7 +388,22 @@ def fit(
         if datasets:
             raise ValueError(f"run {name!r}: num_workers 0 (in process) takes no Ray Datasets; use num_workers >= 1")
         return _fit_in_process(train_fn, config, os.path.join(storage_path, name), resume, cfg)
-    trainer = TorchTrainer(
+    interrupted: list[int] = []
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            # Ray Train's Ctrl-C handler aborts the run and the driver then ends with SystemExit(1)
+            # and no word of why; noted here, so that fit raises KeyboardInterrupt instead
+            super()._register_sigint_handler(controller)
+            abort = signal.getsignal(signal.SIGINT)
+
+            def note_and_abort(signum, frame):
+                interrupted.append(signum)
+                abort(signum, frame)
+
+            signal.signal(signal.SIGINT, note_and_abort)
+
+    trainer = Trainer(
         train_fn,
         train_loop_config=config,
         torch_config=TorchConfig(backend=cfg.resolved_backend),
@@ -401,7 +418,20 @@ def fit(
         ),
         datasets=dict(datasets) if datasets else None,
     )
-    return trainer.fit()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        if interrupted:
+            raise KeyboardInterrupt(f"run {name!r} aborted") from None
+        raise
+    finally:
+        if main_thread:  # Ray Train leaves its handler in place, aborting a controller long gone
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt(f"run {name!r} aborted")
+    return result
 
 
 @dataclass
