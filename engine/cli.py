@@ -363,6 +363,7 @@ INTERRUPTED = {
     "evaluate": ": the models already trained are kept; the same command scores them and trains the rest",
     "loop": ": the stores and models already made are kept; the same command reuses them",
     "train": ": the checkpoints saved so far are kept; the same command continues from the latest",
+    "demo": ": the steps already done are kept; the same command does only what is missing",
 }
 
 
