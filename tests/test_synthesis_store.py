@@ -560,6 +560,19 @@ def test_the_filter_passes_only_a_dice_above_the_threshold_as_stored(base, tmp_p
     assert rows["passed"].tolist() == [False, True]
 
 
+def test_a_store_in_a_missing_bucket_is_a_clear_error(base, tmp_path, s3_endpoint, capsys):
+    from engine.config import dump_config
+
+    url = "s3://no-such-bucket/run/synthetic.zarr"
+    cfg = tiny_config(base, tmp_path, [f"synthesis.store={url}",
+                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert main(["synthesize", "--config", str(tmp_path / "c.yaml"), "--sequential"]) == 2
+    err = capsys.readouterr().err
+    assert f"lgesynth synthesize: error: {url}: cannot create the synthetic store" in err
+    assert "bucket does not exist" in err
+
+
 def test_check_store_on_a_missing_store(tmp_path, capsys):
     assert main(["check-store", str(tmp_path / "nothing.zarr")]) == 1
     assert "cannot open the synthetic store" in capsys.readouterr().out

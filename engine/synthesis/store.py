@@ -131,7 +131,10 @@ def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
     import zarr
 
     compressors(compression, "image")  # refuse an unknown name before anything is written
-    group = zarr.open_group(url, mode="w", storage_options=_storage_options(url, storage_options))
+    try:
+        group = zarr.open_group(url, mode="w", storage_options=_storage_options(url, storage_options))
+    except Exception as exc:  # noqa: BLE001 - name the store and why (a missing bucket, no permission)
+        raise ValueError(f"{url}: cannot create the synthetic store ({type(exc).__name__}: {exc})") from exc
     n, h, w, s = layout.rows, layout.height, layout.width, layout.shard_size
     for name, dtype in IMAGE_ARRAYS.items():
         group.create_array(name, shape=(n, h, w), chunks=(1, h, w), shards=(s, h, w), dtype=dtype, fill_value=0,
