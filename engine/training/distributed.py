@@ -427,7 +427,7 @@ def fit(
             raise KeyboardInterrupt(f"run {name!r} aborted") from None
         raise
     finally:
-        if main_thread:  # Ray Train leaves its handler in place, aborting a controller long gone
+        if main_thread:  # Ray Train leaves its handler in place: a later Ctrl-C would only 'abort' this run
             signal.signal(signal.SIGINT, previous)
     if interrupted:
         raise KeyboardInterrupt(f"run {name!r} aborted")
