@@ -350,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        what = f" ({err})" if str(err) else ""
+    except (KeyboardInterrupt, SystemError) as err:
+        # Ctrl-C inside a C extension's call (Ray's wait, in Tune's loop) comes back as a SystemError
+        # caused by the KeyboardInterrupt ("... returned a result with an exception set")
+        interrupt = err if isinstance(err, KeyboardInterrupt) else err.__cause__
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        what = f" ({interrupt})" if str(interrupt) else ""
         print(f"{PROG} {args.command}: interrupted{what}{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 

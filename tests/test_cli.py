@@ -202,3 +202,28 @@ def test_job_entrypoints_parse_and_validate(job, cli):
     assert code == 0 and "--config" in out
     code, _, err = cli("--config", REPO / "configs" / "demo.yaml", "reward.loop.epocs=3", entry=_job_main(job))
     assert code == 2 and "reward.loop.epocs" in err
+
+
+def test_ctrl_c_inside_a_c_extension_call_is_still_an_interrupt(monkeypatch, capsys):
+    """A KeyboardInterrupt raised while a C extension runs (Ray's ``CoreWorker.wait`` in Tune's
+    loop) reaches Python as a SystemError caused by it: exit 130 with one line all the same; any
+    other SystemError is not swallowed."""
+    import engine.cli as cli
+
+    def interrupted_in_c(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from err
+
+    monkeypatch.setattr(cli, "_sweep", interrupted_in_c)
+    assert cli.main(["sweep", "--config", "configs/demo.yaml"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "lgesynth sweep: interrupted: the finished trials are kept; the same command resumes the sweep")
+
+    def broken(args):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(cli, "_sweep", broken)
+    with pytest.raises(SystemError, match="something else"):
+        cli.main(["sweep", "--config", "configs/demo.yaml"])
