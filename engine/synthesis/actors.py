@@ -220,6 +220,7 @@ class FilterActor:
     def store_rows(self, row: dict[str, Any]) -> dict[str, Any]:
         """One shard's rows in the store's schema (see :mod:`engine.synthesis.store`)."""
         from engine.evaluation.metrics import dice_per_sample
+        from engine.synthesis.store import dice_above
 
         meta = json.loads(str(row["meta"]))
         generated = np.asarray(row["generated"], np.float32)
@@ -227,9 +228,7 @@ class FilterActor:
         made = np.asarray([not r for r in meta["skip_reason"]], bool)
         predicted = self.predict(generated) if len(generated) else np.zeros(scar.shape, bool)
         dice = np.where(made, dice_per_sample(predicted, scar), 0.0).astype(np.float32)
-        # compared as stored (float32): an exact Dice of 0.6 = 2*3/10 is stored as 0.6000000238,
-        # which a float64 comparison would pass and every reader of the store would not
-        passed = made & (dice > np.float32(self.threshold))
+        passed = made & dice_above(dice, self.threshold)  # as stored: float32
         source_label = np.asarray(row["source_label"], np.uint8)
         label = source_label.copy()  # pipeline arrays are read-only views: build new ones
         label[predicted & (source_label == MYOCARDIUM)] = SCAR

@@ -22,6 +22,7 @@ from engine.synthesis.store import (
     ShardReader,
     StoreLayout,
     completed_shards,
+    dice_above,
     open_store,
     store_attrs,
 )
@@ -57,8 +58,7 @@ def _shard_problems(rows: dict[str, np.ndarray], start: int, threshold: float | 
     if (passed & skipped).any():
         problems.append(f"rows {where(passed & skipped)}: passed although no scar was drawn")
     if threshold is not None and np.isfinite(dice).all():
-        # the filter compares the stored float32 Dice (0.6 = 2*3/10 is stored as 0.6000000238)
-        wrong = passed != ((rows["dice"].astype(np.float32) > np.float32(threshold)) & ~skipped)
+        wrong = passed != (dice_above(rows["dice"], threshold) & ~skipped)  # as the filter decided
         if wrong.any():
             problems.append(f"rows {where(wrong)}: passed disagrees with dice > {threshold}")
     # a kept sample's scar is the filter's prediction inside the myocardium: scar pixels need a

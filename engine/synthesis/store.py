@@ -816,6 +816,13 @@ def _text(values: np.ndarray) -> list[str]:
     return [str(v) for v in values]
 
 
+def dice_above(dice, threshold: float) -> np.ndarray:
+    """``dice > threshold`` as the filter decides it, on the Dice as stored (float32): an exact Dice
+    of 0.6 = 2*3/10 is stored as 0.6000000238, which a float64 comparison would pass. The filter,
+    ``check-store`` and the selection by Dice all compare through this."""
+    return np.asarray(dice, dtype=np.float32) > np.float32(threshold)
+
+
 def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
     """Row indices of the samples of an open store whose image is present and whose Dice > ``min_dice``.
 
@@ -848,8 +855,7 @@ def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
         shard_size = int(group["dice"].chunks[0])
         complete = completed_shards(group)[np.arange(len(passed)) // shard_size]
         present = made & complete
-    dice = np.asarray(rows["dice"], dtype=np.float32)
-    return np.flatnonzero(present & (dice > np.float32(min_dice)))
+    return np.flatnonzero(present & dice_above(rows["dice"], min_dice))
 
 
 def _synthetic_selection(url: str, passed_only: bool, storage_options: dict | None, min_dice: float | None):
