@@ -254,3 +254,13 @@ def test_a_read_call_without_kept_samples_leaves_the_columns_typed(ray_cluster, 
     assert types["image"].shape == (1, 64, 64) and str(types["caption"]) == "string", schema
     batch = next(iter(dataset.select_columns(["image", "dice"]).iter_torch_batches(batch_size=8)))
     assert batch["image"].shape == (8, 1, 64, 64)
+    from engine.synthesis.store import SyntheticDataset
+
+    samples = SyntheticDataset(url)  # the same samples, value for value, as the torch Dataset's
+    rows = {row["sample_id"]: row for row in dataset.take_all()}
+    assert sorted(rows) == sorted(samples[i]["sample_id"] for i in range(len(samples)))
+    for i in range(len(samples)):
+        row = rows[samples[i]["sample_id"]]
+        for key, value in samples[i].items():
+            assert np.array_equal(np.asarray(row[key]), np.asarray(value)), key
+            assert np.asarray(row[key]).dtype == np.asarray(value).dtype, key

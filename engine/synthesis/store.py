@@ -941,13 +941,6 @@ def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _shard_samples(rows: Mapping[str, np.ndarray], passed_only: bool) -> Iterator[dict[str, Any]]:
-    """The sample dicts of one shard's rows (:data:`SAMPLE_ARRAYS`), passed ones only if asked."""
-    for j in range(len(rows["passed"])):
-        if not passed_only or rows["passed"][j]:
-            yield _sample({name: rows[name][j] for name in SAMPLE_ARRAYS})
-
-
 class SyntheticDataset:
     """The store as a MONAI-style map dataset: ``dataset[i]`` is a dict with ``image`` float32 and
     ``label`` / ``condition`` uint8, channel-first [1, H, W], plus ``caption``, ``dice``, ``passed``,
@@ -1010,19 +1003,21 @@ def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: 
     nothing yield no batch: an empty one would become a block Ray Data types as pickled objects and
     null texts, beside the other blocks' tensors and strings."""
     reader = ShardReader(open_store(url, "r", storage_options), SAMPLE_ARRAYS, layout)
-    samples = []
+    kept = []  # per shard, its kept rows of every array
     for shard, rows in reader.iter_shards([int(s) for s in batch["shard"]], ahead=len(batch["shard"])):
         if isinstance(rows, Exception):
             raise ValueError(f"{url}: shard {shard} unreadable ({type(rows).__name__}: {rows})") from rows
-        samples += _shard_samples(rows, passed_only)
-    if not samples:
+        keep = np.asarray(rows["passed"], bool) if passed_only else slice(None)
+        kept.append({name: np.asarray(rows[name])[keep] for name in SAMPLE_ARRAYS})
+    if not sum(len(rows["passed"]) for rows in kept):
         return
-    out = {k: np.stack([s[k] for s in samples]) for k in ("image", "label", "condition")}
-    out["dice"] = np.asarray([s["dice"] for s in samples], np.float32)
-    out["passed"] = np.asarray([s["passed"] for s in samples], bool)
-    for k in SAMPLE_ARRAYS[5:]:
-        out[k] = np.asarray([s[k] for s in samples], dtype=object)
-    yield out
+    columns = {name: np.concatenate([rows[name] for rows in kept]) for name in SAMPLE_ARRAYS}
+    yield {  # as SyntheticDataset's samples (_sample), a column each
+        "image": columns["image"][:, None].astype(np.float32), "label": columns["label"][:, None].astype(np.uint8),
+        "condition": columns["condition"][:, None].astype(np.uint8), "dice": columns["dice"].astype(np.float32),
+        "passed": columns["passed"].astype(bool),
+        **{name: np.asarray(_text(columns[name]), dtype=object) for name in ("caption", "source", "sample_id")},
+    }
 
 
 def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
