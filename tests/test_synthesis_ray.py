@@ -214,6 +214,14 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
         driver.wait(timeout=300)
         seen["thread"].join(5)
         assert seen.get("result"), "the driver finished before it could be killed"
+        # the dead driver's tasks and actors are killed by Ray, but a write task may finish its shard
+        # first: the store is looked at once they are all gone (every CPU of the cluster free again)
+        import ray
+
+        deadline = time.monotonic() + 120
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+            assert time.monotonic() < deadline, "the dead driver's tasks still hold CPUs"
+            time.sleep(0.2)
         group = open_store(url, "r", options)
         done = completed_shards(group)
         assert 0 < done.sum() < done.size
