@@ -295,7 +295,8 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
 
     Returns:
         ``store``, ``candidates``, ``made``, ``skipped`` (no scar fits), ``kept``, ``pass_rate``,
-        ``written`` (candidates made by this run), ``seconds``, ``candidates_per_s`` (this run).
+        ``written`` (candidates made by this run), ``shards_already_complete`` (complete when this run
+        opened the store: a resumed run skipped them), ``seconds``, ``candidates_per_s`` (this run).
     """
     job = SynthesisJob(cfg, parts)
     group = job.open_or_create()
@@ -315,7 +316,8 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
         raise RuntimeError(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
                            "after the pipeline finished; re-run to complete them")
     update_attrs(group, complete=True, summary=summary)
-    summary.update(store=job.url, method=job.syn.method, written=rows, seconds=round(seconds, 3),
+    summary.update(store=job.url, method=job.syn.method, written=rows, shards_already_complete=int(done.sum()),
+                   seconds=round(seconds, 3),
                    candidates_per_s=round(rows / seconds, 3) if rows and seconds > 0 else 0.0)
     log(f"synthesis: {summary['candidates']} candidates, {summary['made']} made, {summary['kept']} kept "
         f"(pass rate {summary['pass_rate']:.1%} at Dice > {job.syn.threshold}), {summary['skipped']} without a scar; "
