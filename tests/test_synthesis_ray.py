@@ -4,6 +4,7 @@ a killed diffusion actor (local, memory, S3), a killed worker node (local, S3) a
 (local, S3; memory:// dies with its driver): a versioned bucket shows that no object of a shard that
 was complete is written again by the re-run."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,7 +27,8 @@ from tests.synth_helpers import make_tiny_run, tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 QUIET = lambda _: None  # noqa: E731
 # slow enough (many sampler steps, small shards) that a failure lands in the middle of the run
-SLOW = ["synthesis.shard_size=2", "synthesis.num_inference_steps=12", "synthesis.max_candidates=20"]
+SLOW = ["synthesis.shard_size=2", "synthesis.num_inference_steps=12", "synthesis.max_candidates=20",
+        "synthesis.stall_timeout_s=60"]  # a Ray Data hang after a failure: the engine restarts the pipeline
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,65 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path
     finally:
         seen["thread"].join(60)
         ray_cluster["start_worker"]()
+
+
+def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, tmp_path, s3_endpoint):
+    """A frozen diffusion actor (SIGSTOP: alive to Ray, doing nothing) stalls Ray Data for good; the
+    engine notices that no shard completes, stops the pipeline and starts it again on the rest."""
+    cfg, url, _ = _failure_config("local", base, tmp_path, s3_endpoint)
+    cfg.synthesis.stall_timeout_s, cfg.synthesis.stall_restarts = 25.0, 1  # the first shard comes in ~10 s
+
+    def freeze_actor():
+        pids = _pids("DiffusionActor")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "pipeline stalled" in line:  # Ray killed the frozen actor: let it take the kill (else each
+            for pid in seen["result"]:  # call of Ray's that asks every worker waits 60 s for it)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    seen, lines = _when_shards_complete(url, 2, freeze_actor), []
+    try:
+        summary = synthesize(cfg, log=log)
+        seen["thread"].join(5)
+        assert seen["result"], "no diffusion actor process was found to freeze"
+        assert seen["complete_at_action"] < seen["total"], "the run ended before the actor froze"
+        assert summary["written"] == 20 and summary["shards_complete"] == 10
+        stalled = [line for line in lines if "pipeline stalled" in line]
+        assert len(stalled) == 1 and "restart 1 of 1" in stalled[0], lines
+        _exactly_once(url, 20)
+    finally:
+        for pid in seen.get("result") or []:  # gone if the pipeline's shutdown killed it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_pipeline_that_stalls_every_time_stops_with_the_complete_shards_kept(base, tmp_path, monkeypatch):
+    """Out of restarts: an error that says what to do; no Ray needed to see it (the pipeline run
+    is replaced by one that never completes a shard)."""
+    import engine.synthesis.pipeline as pipeline
+    import engine.training.distributed as distributed
+
+    cfg = tiny_config(base, tmp_path, [*SLOW, "synthesis.stall_timeout_s=1", "synthesis.stall_restarts=1"])
+    runs = []
+
+    def never_done(self, todo, log):
+        runs.append(list(todo))
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(distributed, "connect", lambda address="": None)
+    monkeypatch.setattr(pipeline, "check_pools_fit", lambda syn: None)
+    monkeypatch.setattr(pipeline.SynthesisJob, "_run_ray_once", never_done)
+    lines = []
+    with pytest.raises(RuntimeError, match=r"stalled 2 time\(s\).*10 shard\(s\) missing.*re-run"):
+        synthesize(cfg, log=lines.append)
+    assert runs == [list(range(10))] * 2
+    assert sum("pipeline stalled" in line for line in lines) == 1
 
 
 def _writes(url: str, shards, storage_options) -> dict:

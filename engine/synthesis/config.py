@@ -110,6 +110,10 @@ class SynthesisConfig:
         filter: the filter actor pool.
         prepare_cpus: CPUs per candidate-preparation task (scar masks, edge maps, captions).
         address: Ray cluster address (empty: ``RAY_ADDRESS`` or a local instance).
+        stall_timeout_s: a Ray pipeline in which no shard completes for this long is stopped and
+            started again on the shards still missing (Ray Data can wait forever after a lost node
+            or actor); 0 never. Raise it where one shard, or a node the autoscaler adds, takes longer.
+        stall_restarts: how many such restarts before the run stops with an error (re-run to resume).
     """
 
     store: str = ""
@@ -134,6 +138,8 @@ class SynthesisConfig:
     filter: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(num_cpus=0.5))
     prepare_cpus: float = 0.25
     address: str = ""
+    stall_timeout_s: float = 1800.0
+    stall_restarts: int = 2
 
     def __post_init__(self) -> None:
         bad = credential_keys(self.storage_options)
@@ -148,7 +154,7 @@ class SynthesisConfig:
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {self.split!r}")
         for name, lo in (("candidates_per_slice", 1), ("seed", 0), ("max_candidates", 0), ("shard_size", 1),
-                         ("batch_size", 1), ("num_inference_steps", 0)):
+                         ("batch_size", 1), ("num_inference_steps", 0), ("stall_timeout_s", 0), ("stall_restarts", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
         if not -1.0 <= self.threshold < 1.0:

@@ -19,9 +19,12 @@ shard whole. A store written under another plan, config or checkpoint is refused
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +99,50 @@ def check_pools_fit(syn: SynthesisConfig) -> None:
             f"{syn.filter.num_cpus:g} CPU/{syn.filter.num_gpus:g} GPU, preparation and writing 2 x {syn.prepare_cpus:g} CPU); "
             f"the cluster has {have.get('CPU', 0.0):g} CPU and {have.get('GPU', 0.0):g} GPU: lower synthesis.*.actors or "
             "synthesis.*.num_cpus")
+
+
+class _Stalled(BaseException):
+    """Raised into the driver's thread by :func:`_stall_watch`: a BaseException, like a Ctrl-C, so
+    that no ``except Exception`` of Ray Data's on the way takes it for an error of its own."""
+
+
+@contextlib.contextmanager
+def _stall_watch(url: str, storage_options: dict | None, timeout_s: float):
+    """Raise :class:`_Stalled` in this thread once no shard of ``url`` has completed for
+    ``timeout_s`` seconds (0: never). A watcher thread counts the complete shards; the exception
+    reaches the Ray Data loop this thread waits in (it polls every 10 ms)."""
+    if timeout_s <= 0:
+        yield
+        return
+    target, stop, lock = threading.get_ident(), threading.Event(), threading.Lock()
+    state = {"fired": False}
+
+    def watch() -> None:
+        last, since = -1, time.monotonic()
+        while not stop.wait(min(30.0, max(0.5, timeout_s / 10))):
+            try:
+                count = int(completed_shards(open_store(url, "r", storage_options)).sum())
+            except Exception:  # noqa: BLE001 - an unreadable moment of the store is no progress
+                count = last
+            if count != last:
+                last, since = count, time.monotonic()
+            elif time.monotonic() - since >= timeout_s:
+                with lock:
+                    if not stop.is_set():
+                        state["fired"] = True
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_Stalled))
+                return
+
+    watcher = threading.Thread(target=watch, name="stall-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        with lock:
+            stop.set()
+            if state["fired"]:  # not raised yet (the run ended meanwhile): take it back
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+        watcher.join()
 
 
 class SynthesisJob:
@@ -240,12 +287,35 @@ class SynthesisJob:
                               num_gpus=syn.filter.num_gpus or None)
 
     def run_ray(self, todo: list[int], log: Callable[[str], None]) -> None:
-        from engine.synthesis.actors import unpack_store_rows
-        from engine.synthesis.sink import ZarrShardDatasink
+        """Make shards ``todo`` with the Ray pipeline; one that stalls is started again on the rest."""
         from engine.training.distributed import connect
 
         connect(self.syn.address)
         check_pools_fit(self.syn)
+        syn = self.syn
+        for restart in range(syn.stall_restarts + 1):
+            try:
+                with _stall_watch(self.url, syn.storage_options, syn.stall_timeout_s):
+                    self._run_ray_once(todo, log)
+                return
+            except _Stalled:
+                done = completed_shards(open_store(self.url, "r", syn.storage_options))
+                todo = [i for i in todo if not done[i]]
+                if not todo:
+                    return
+                if restart == syn.stall_restarts:
+                    raise RuntimeError(
+                        f"{self.url}: the Ray pipeline stalled {restart + 1} time(s), no shard completing for "
+                        f"{syn.stall_timeout_s:g} s; {len(todo)} shard(s) missing. The complete ones are kept: "
+                        "re-run to make the rest (raise synthesis.stall_timeout_s if a shard takes longer)") from None
+                log(f"synthesis: no shard completed for {syn.stall_timeout_s:g} s: the Ray pipeline stalled; "
+                    f"starting it again on the {len(todo)} shard(s) missing (restart {restart + 1} of "
+                    f"{syn.stall_restarts})")
+
+    def _run_ray_once(self, todo: list[int], log: Callable[[str], None]) -> None:
+        from engine.synthesis.actors import unpack_store_rows
+        from engine.synthesis.sink import ZarrShardDatasink
+
         ds = self.dataset(todo)
         if _shared_filesystem(self.url):
             ds.write_datasink(ZarrShardDatasink(self.url, self.syn.storage_options),
