@@ -339,12 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from engine.config import ConfigError
     from engine.io.cohort import CohortError
+    from engine.synthesis import SynthesisIncomplete
 
     try:
         return int(args.handler(args))
     except (ConfigError, CohortError, UsageError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except SynthesisIncomplete as err:  # the run failed, what it made is kept: no traceback to read
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:  # bad input reported by a stage (missing artifacts, mismatched split)
         if args.command not in ("train", "synthesize", "sweep", "loop"):
             raise

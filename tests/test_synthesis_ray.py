@@ -6,6 +6,7 @@ was complete is written again by the re-run."""
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,13 +217,16 @@ def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, 
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_pipeline_that_stalls_every_time_stops_with_the_complete_shards_kept(base, tmp_path, monkeypatch):
-    """Out of restarts: an error that says what to do; no Ray needed to see it (the pipeline run
-    is replaced by one that never completes a shard)."""
+def test_a_pipeline_that_stalls_every_time_stops_with_the_complete_shards_kept(base, tmp_path, monkeypatch, capsys):
+    """Out of restarts: `lgesynth synthesize` ends with one line that says what to do, exit 1. No Ray
+    needed to see it: the pipeline run is replaced by one that never completes a shard."""
     import engine.synthesis.pipeline as pipeline
     import engine.training.distributed as distributed
+    from engine.cli import main
 
-    cfg = tiny_config(base, tmp_path, [*SLOW, "synthesis.stall_timeout_s=1", "synthesis.stall_restarts=1"])
+    config = tmp_path / "run.yaml"
+    dump_config(tiny_config(base, tmp_path, [*SLOW, "synthesis.stall_timeout_s=1", "synthesis.stall_restarts=1"]),
+                config)
     runs = []
 
     def never_done(self, todo, log):
@@ -233,11 +237,12 @@ def test_a_pipeline_that_stalls_every_time_stops_with_the_complete_shards_kept(b
     monkeypatch.setattr(distributed, "connect", lambda address="": None)
     monkeypatch.setattr(pipeline, "check_pools_fit", lambda syn: None)
     monkeypatch.setattr(pipeline.SynthesisJob, "_run_ray_once", never_done)
-    lines = []
-    with pytest.raises(RuntimeError, match=r"stalled 2 time\(s\).*10 shard\(s\) missing.*re-run"):
-        synthesize(cfg, log=lines.append)
+    assert main(["synthesize", "--config", str(config)]) == 1
     assert runs == [list(range(10))] * 2
-    assert sum("pipeline stalled" in line for line in lines) == 1
+    out, err = capsys.readouterr()
+    assert out.count("the Ray pipeline stalled; starting it again") == 1
+    assert err.startswith("lgesynth synthesize: error: ") and err.count("\n") == 1, err
+    assert re.search(r"stalled 2 time\(s\).*10 shard\(s\) missing.*re-run", err), err
 
 
 def _writes(url: str, shards, storage_options) -> dict:

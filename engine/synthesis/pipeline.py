@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.config import config_changes
+from engine.synthesis import SynthesisIncomplete
 from engine.synthesis.config import SynthesisConfig
 from engine.synthesis.controlnet_baseline import controlnet_record
 from engine.synthesis.methods import CONTROLNET_METHODS, SPADE_METHODS
@@ -304,7 +305,7 @@ class SynthesisJob:
                 if not todo:
                     return
                 if restart == syn.stall_restarts:
-                    raise RuntimeError(
+                    raise SynthesisIncomplete(
                         f"{self.url}: the Ray pipeline stalled {restart + 1} time(s), no shard completing for "
                         f"{syn.stall_timeout_s:g} s; {len(todo)} shard(s) missing. The complete ones are kept: "
                         "re-run to make the rest (raise synthesis.stall_timeout_s if a shard takes longer)") from None
@@ -383,7 +384,7 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
     group = open_store(job.url, "r+", job.syn.storage_options)
     summary = summarize(group)
     if summary["shards_complete"] != summary["shards"]:
-        raise RuntimeError(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
+        raise SynthesisIncomplete(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
                            "after the pipeline finished; re-run to complete them")
     update_attrs(group, complete=True, summary=summary)
     summary.update(store=job.url, method=job.syn.method, written=rows, shards_already_complete=int(done.sum()),
@@ -395,4 +396,4 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
     return summary
 
 
-__all__ = ["ATTRS_KEY", "SynthesisJob", "summarize", "synthesize", "check_pools_fit"]
+__all__ = ["ATTRS_KEY", "SynthesisIncomplete", "SynthesisJob", "summarize", "synthesize", "check_pools_fit"]
