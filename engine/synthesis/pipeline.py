@@ -384,8 +384,9 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
     group = open_store(job.url, "r+", job.syn.storage_options)
     summary = summarize(group)
     if summary["shards_complete"] != summary["shards"]:
-        raise SynthesisIncomplete(f"{job.url}: {summary['shards'] - summary['shards_complete']} shard(s) still incomplete "
-                           "after the pipeline finished; re-run to complete them")
+        missing = summary["shards"] - summary["shards_complete"]
+        raise SynthesisIncomplete(f"{job.url}: {missing} shard(s) still incomplete after the pipeline finished; "
+                                  "re-run to complete them")
     update_attrs(group, complete=True, summary=summary)
     summary.update(store=job.url, method=job.syn.method, written=rows, shards_already_complete=int(done.sum()),
                    seconds=round(seconds, 3),
