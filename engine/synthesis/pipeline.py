@@ -14,7 +14,9 @@ Exactly once: the plan (sample ids, shards) is a pure function of the cohort, th
 sampler and the seed; the store records the plan's fingerprint, and a shard is complete only once
 all its arrays are stored. A re-run, after any crash, makes exactly the shards still missing; a
 re-run of a complete store makes nothing. A retried task (a killed actor or node) rewrites its own
-shard whole. A store written under another plan, config or checkpoint is refused, not mixed.
+shard whole. A store written under another plan, config or checkpoint is refused, not mixed. A
+pipeline in which no shard completes for ``synthesis.stall_timeout_s`` (Ray Data can wait forever
+after a lost node or a hung actor) is stopped and started again on the shards still missing.
 """
 
 from __future__ import annotations
