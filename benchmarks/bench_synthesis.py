@@ -729,7 +729,8 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int, comp
     store does: one ``pipe`` call of its array objects, then one of its marker object (written only
     once the rest is stored), shard after shard as the pipeline's writers do. ``root`` is ``fs``'s
     path of a fresh folder, ``url_of(path)`` its URL for zarr; ``compression`` the store's
-    (``synthesis.compression``)."""
+    (``synthesis.compression``). Every timed write starts with no dirty pages (``os.sync``): the
+    kernel's writeback of what the writer before it wrote would otherwise land on whichever runs next."""
     from engine.synthesis.store import MARKER, ShardWriter, create_store
 
     times: dict[str, list[float]] = {"zarr": [], "encoded": [], "plain": [], "encode": []}
@@ -739,6 +740,7 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int, comp
         path = f"{root}/{compression}/zarr-{r}.zarr"
         group = create_store(url_of(path), layout, {"benchmark": True}, options, compression=compression)
         codecs = {name: raw_codecs(group, name) for name in rows[next(iter(rows))]}
+        os.sync()
         start = time.perf_counter()
         writer = ShardWriter(group, layout)  # as a write task of the datasink: arrays opened once
         for shard, shard_rows in rows.items():
@@ -749,8 +751,10 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int, comp
         objects: dict[int, dict[str, bytes]] = {}
         for key in fs.find(path):
             rel = key[len(path) + 1:]
-            if "/c/" in rel:
-                objects.setdefault(int(rel.split("/c/", 1)[1].split("/")[0]), {})[rel] = fs.cat_file(key)
+            chunk = re.fullmatch(r"[^/]+/c[./](\d+)(?:[./]\d+)*", rel)  # <array>/c.<shard>.0.0
+            if chunk:
+                objects.setdefault(int(chunk.group(1)), {})[rel] = fs.cat_file(key)
+        os.sync()
         start = time.perf_counter()
         for shard in sorted(objects):
             arrays = {rel: data for rel, data in objects[shard].items() if not rel.startswith(f"{MARKER}/")}
@@ -758,6 +762,7 @@ def zarr_vs_raw(fs, root: str, url_of, options, layout, rows, repeats: int, comp
             fs.pipe({f"{root}/{compression}/encoded-{r}/{rel}": data for rel, data in objects[shard].items()
                      if rel not in arrays})
         t_encoded = time.perf_counter() - start
+        os.sync()
         start = time.perf_counter()
         for shard, arrays in plain.items():
             fs.pipe({f"{root}/{compression}/plain-{r}/{name}/{shard}": data for name, data in arrays.items()})

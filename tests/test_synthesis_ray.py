@@ -253,7 +253,7 @@ def _writes(url: str, shards, storage_options) -> dict:
     """How the objects of ``shards`` were written: each shard's ``sample_id`` chunk's mtime (a local
     store), or each of their objects' number of versions (a versioned bucket: a rewrite adds one)."""
     if "://" not in url:
-        return {i: (Path(url) / "sample_id" / "c" / str(i)).stat().st_mtime_ns for i in shards}
+        return {i: (Path(url) / "sample_id" / f"c.{i}").stat().st_mtime_ns for i in shards}
     import boto3
 
     bucket, prefix = url[len("s3://"):].split("/", 1)
@@ -261,7 +261,7 @@ def _writes(url: str, shards, storage_options) -> dict:
     versions: dict[str, int] = {}
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
         for version in page.get("Versions", []):
-            parts = version["Key"][len(prefix) + 1:].split("/")  # <array>/c/<shard>/...
+            parts = version["Key"][len(prefix) + 1:].replace("/", ".").split(".")  # <array>/c.<shard>...
             if len(parts) > 2 and parts[1] == "c" and int(parts[2]) in shards:
                 versions[version["Key"]] = versions.get(version["Key"], 0) + 1
     return versions

@@ -100,7 +100,8 @@ def test_store_layout_and_one_writer_per_shard(tmp_path):
     # one chunk per sample, one shard object per shard
     image = zarr.open_group(str(tmp_path / "s.zarr"))["image"]
     assert image.chunks == (1, 8, 8) and image.shards == (4, 8, 8)
-    assert sorted(os.listdir(tmp_path / "s.zarr" / "image" / "c")) == ["2"]
+    # its key in the array's own folder ("c.<shard>.0.0": no folder per shard to make)
+    assert sorted(os.listdir(tmp_path / "s.zarr" / "image")) == ["c.2.0.0", "zarr.json"]
 
 
 def _shard_rows(rng, count, h, w, empty_images=False, empty_texts=False):
@@ -181,8 +182,8 @@ def test_shard_writer_stores_the_bytes_plain_zarr_stores(tmp_path, monkeypatch, 
         _plain_zarr_write(groups[plain], layout, shard, rows)
         assert _objects(fast) == _objects(plain), f"after shard {shard}"
     writer.close()
-    assert not (fast / "image" / "c" / "0" / "0" / "0").exists() and (fast / "image" / "c" / "1" / "0" / "0").exists()
-    assert not (fast / "skip_reason" / "c" / "0").exists()
+    assert not (fast / "image" / "c.0.0.0").exists() and (fast / "image" / "c.1.0.0").exists()
+    assert not (fast / "skip_reason" / "c.0").exists()
     # read back with plain zarr
     stored, last = zarr.open_group(str(fast), mode="r"), batches[-1][1]
     assert completed_shards(stored).tolist() == [True, True, True]
@@ -213,12 +214,54 @@ def test_shard_writer_puts_through_zarr_outside_a_local_folder(compression):
     assert completed_shards(groups["writer"]).tolist() == [True, False, True]
 
 
+def test_nonzero_rows_is_exact_where_the_sampled_positions_are_zero():
+    """The writer's test of a stored inner chunk reads a few positions of a row first: a row whose
+    only set bits lie elsewhere is still found, as is a row of -0.0 (zarr compares by bit pattern)."""
+    from engine.synthesis.store import _nonzero_rows
+
+    rows = np.zeros((6, 96 * 96), np.float32)
+    rows[1, 97] = 1e-30  # one value, off the sampled positions (every 144th)
+    rows[2, :] = -0.0
+    rows[3, ::144] = 0.5  # only the sampled positions
+    rows[5] = np.random.default_rng(0).random(96 * 96, dtype=np.float32)
+    expected = rows.view(np.uint32).any(axis=1)
+    assert expected.tolist() == [False, True, True, True, False, True]
+    assert _nonzero_rows(rows).tolist() == expected.tolist()
+    masks = np.zeros((3, 7), np.uint8)  # rows shorter than the sample count
+    masks[1, 6] = 2
+    assert _nonzero_rows(masks).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("writev", ["short writes", "no writev"])
+def test_local_writes_finish_what_a_short_write_leaves(tmp_path, monkeypatch, writev):
+    """An object written from its parts is whole even where the system writes only a few bytes at a
+    time (``writev`` may return early), and where there is no ``writev`` at all."""
+    from engine.synthesis import store
+
+    write, gather = os.write, os.writev
+    calls = []
+    if writev == "no writev":
+        monkeypatch.delattr(os, "writev")
+    else:
+        def short_writev(fd, buffers):  # the first 7 bytes of what the buffers hold together
+            calls.append(len(buffers))
+            return gather(fd, [b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[:7]])
+        monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, memoryview(data)[:5]))
+    image = np.random.default_rng(1).random((3, 4, 5), dtype=np.float32)
+    parts = [image.view(np.uint8).reshape(3, -1)[1:], b"", b"index-bytes", np.arange(9, dtype=np.uint8)]
+    store._write_local(str(tmp_path / "sub" / "c.0.0.0"), parts)
+    assert (tmp_path / "sub" / "c.0.0.0").read_bytes() == b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    assert os.listdir(tmp_path / "sub") == ["c.0.0.0"]  # no temporary file left
+    assert (len(calls) > 10) == (writev == "short writes")
+
+
 def test_shard_writer_marks_a_shard_only_once_all_of_it_is_stored():
     from zarr.storage import MemoryStore
 
     class FailingStore(MemoryStore):  # every put of the label array fails
         async def set(self, key, value, byte_range=None):
-            if key.startswith("label/c/"):
+            if key.startswith("label/c."):
                 raise OSError("label put failed")
             await super().set(key, value)
 
@@ -385,10 +428,10 @@ def test_rerun_is_idempotent_and_resumes_a_lost_shard(done_run):
     again = synthesize(cfg, sequential=True, log=lambda _: None)
     assert again["written"] == 0 and again["candidates"] == 18
     before = zarr.open_group(url)["image"][:]
-    marker = Path(url) / "shard_complete" / "c" / "3"
+    marker = Path(url) / "shard_complete" / "c.3"
     marker.unlink()  # as if the writer of shard 3 died before marking it complete
-    shard3 = Path(url) / "image" / "c" / "3" / "0" / "0"
-    other = Path(url) / "image" / "c" / "1" / "0" / "0"
+    shard3 = Path(url) / "image" / "c.3.0.0"
+    other = Path(url) / "image" / "c.1.0.0"
     mtime_other = other.stat().st_mtime_ns
     resumed = synthesize(cfg, sequential=True, log=lambda _: None)
     assert resumed["written"] == 4 and resumed["shards_complete"] == 5
@@ -493,7 +536,7 @@ def _corrupt(url: str, what: str) -> None:
     elif what == "passed":
         group["passed"][2] = not bool(group["passed"][2])
     elif what == "unreadable":  # shard 1's image object overwritten with bytes that are no shard
-        (Path(url) / "image" / "c" / "1" / "0" / "0").write_bytes(b"not a shard")
+        (Path(url) / "image" / "c.1.0.0").write_bytes(b"not a shard")
 
 
 @pytest.mark.parametrize("what, message", [
@@ -615,7 +658,7 @@ def test_ctrl_c_during_synthesize_says_what_stays_and_the_same_command_finishes(
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (Path(url) / "shard_complete" / "c" / "0").exists():  # the first shard is written
+        while not (Path(url) / "shard_complete" / "c.0").exists():  # the first shard is written
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

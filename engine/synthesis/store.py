@@ -12,6 +12,9 @@ One row per candidate sample, in sample-id order (patient, slice, draw):
 | ``seed`` | int64 [N] | ``shard_size`` |
 | ``shard_complete`` | uint8 [n_shards], 1 once a shard is written whole | 1 |
 
+Chunk keys are zarr v3's default encoding with a "." separator (``image/c.<shard>.0.0``,
+``shard_complete/c.<shard>``): an array's objects lie in its own folder, so a local store makes
+no folder per shard and array (a ``mkdir`` costs as much as writing a shard object there).
 Row ``i`` belongs to shard ``i // shard_size``. A shard is the unit of work of the synthesis
 pipeline: exactly one writer writes all its rows (each array's shard object in one put), then sets
 its ``shard_complete`` flag; a shard whose flag is 0 is rewritten whole by the next run, so a crash
@@ -42,6 +45,7 @@ IMAGE_ARRAYS = {"image": "float32", "label": "uint8", "condition": "uint8"}
 ROW_ARRAYS = {"dice": "float32", "passed": "bool", "seed": "int64"}
 TEXT_ARRAYS = ("sample_id", "source", "caption", "spec", "skip_reason")
 MARKER = "shard_complete"
+CHUNK_KEYS = {"name": "default", "separator": "."}
 REQUIRED = ("image", "label", "passed")
 READ_CONCURRENCY = 64  # chunk reads in flight while a whole array is read (zarr's default: 10)
 SHARDS_PER_READ_TASK = 4  # shards a Ray Data read call fetches at once (one store opening for them)
@@ -104,10 +108,11 @@ COMPRESSION = ("fast", "small", "none")
 def compressors(compression: str, name: str):
     """The ``compressors`` of array ``name`` (``zarr.create_array``) under a store compression:
 
-    * "fast" (default): the float image raw, label and condition Blosc-LZ4. A generated LGE image
-      is mostly noise: zarr's default zstd shrinks it by ~15% at ~80 MB/s of one core, slower
-      than a local disk or a cluster's network takes the raw bytes; the uint8 masks shrink ~100x
-      at over 1 GB/s with LZ4. Row and text arrays are tiny: zarr's default.
+    * "fast" (default): the float image raw, label and condition Blosc-LZ4, row and text arrays
+      raw. A generated LGE image is mostly noise: zarr's default zstd shrinks it by ~15% at ~80
+      MB/s of one core, slower than a local disk or a cluster's network takes the raw bytes; the
+      uint8 masks shrink ~100x at over 1 GB/s with LZ4. A row or text chunk (a shard's dice,
+      captions...) is ~1% of a shard's bytes, and zstd costs ~30 us a chunk however small it is.
     * "small": zarr's default (zstd) everywhere: the smallest store (slow object storage, costly bytes).
     * "none": nothing compressed.
     """
@@ -115,8 +120,10 @@ def compressors(compression: str, name: str):
         raise ValueError(f"compression must be one of {', '.join(COMPRESSION)}, got {compression!r}")
     if compression == "none":
         return None
-    if compression == "small" or name not in IMAGE_ARRAYS:
+    if compression == "small":
         return "auto"
+    if name not in IMAGE_ARRAYS:
+        return None
     if IMAGE_ARRAYS[name] == "float32":
         return None
     from zarr.codecs import BloscCodec
@@ -138,13 +145,15 @@ def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
     n, h, w, s = layout.rows, layout.height, layout.width, layout.shard_size
     for name, dtype in IMAGE_ARRAYS.items():
         group.create_array(name, shape=(n, h, w), chunks=(1, h, w), shards=(s, h, w), dtype=dtype, fill_value=0,
-                           compressors=compressors(compression, name))
+                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS)
     for name, dtype in ROW_ARRAYS.items():
         group.create_array(name, shape=(n,), chunks=(s,), dtype=dtype, fill_value=0,
-                           compressors=compressors(compression, name))
+                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS)
     for name in TEXT_ARRAYS:
-        group.create_array(name, shape=(n,), chunks=(s,), dtype=str, compressors=compressors(compression, name))
-    group.create_array(MARKER, shape=(layout.shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array(name, shape=(n,), chunks=(s,), dtype=str, compressors=compressors(compression, name),
+                           chunk_key_encoding=CHUNK_KEYS)
+    group.create_array(MARKER, shape=(layout.shards,), chunks=(1,), dtype="uint8", fill_value=0,
+                       chunk_key_encoding=CHUNK_KEYS)
     group.attrs[ATTRS_KEY] = dict(attrs)
     return group
 
@@ -247,11 +256,20 @@ class _ShardEncoder:
     def key(self, unit: int) -> str:
         return self.metadata.encode_chunk_key((unit,) + (0,) * (len(self.unit) - 1))
 
+    def parts(self, value: np.ndarray) -> list | None:
+        """:meth:`encode` as the byte buffers that follow each other in the object (a shard of the
+        store's image arrays: its rows as views of ``value``, nothing copied), for a writer that
+        writes them one after the other."""
+        if isinstance(self.direct, _RowShards) and value.dtype == self.dtype:
+            return self.direct.parts(value)
+        data = self.encode(value)
+        return None if data is None else [data.as_buffer_like()]
+
     def encode(self, value: np.ndarray):
         """The unit's object (a zarr ``Buffer``), or None where zarr stores nothing (all fill value)."""
         from zarr.core.codec_pipeline import fill_value_or_default
 
-        if value.dtype.name != self.dtype.name:
+        if value.dtype != self.dtype:
             value = value.astype(self.dtype, order="A")
         if self.direct is not None:
             return self.direct.encode(value)
@@ -443,15 +461,17 @@ class _RowShards:
         order = np.array([coords[0] for coords in morton_order_iter(codec._get_chunks_per_shard(spec))], np.intp)
         return cls(order, dtype, compressors, spec.prototype)
 
-    def encode(self, value: np.ndarray):
-        """The shard object of ``value``, None where every row is all zero bits. ``value`` may hold
-        fewer rows than a shard (a store's last): zarr pads with the fill value, chunks it leaves out."""
+    def parts(self, value: np.ndarray) -> list | None:
+        """The shard object of ``value`` as the byte buffers that follow each other in it (rows
+        stored raw are views of ``value``: nothing copied), None where every row is all zero bits.
+        ``value`` may hold fewer rows than a shard (a store's last): zarr pads with the fill value,
+        chunks it leaves out."""
         import google_crc32c
 
         count = len(value)
         flat = np.ascontiguousarray(value, dtype=self.dtype).reshape(count, int(np.prod(value.shape[1:])))
         kept = np.zeros(len(self.order), bool)
-        kept[:count] = flat.view(f"u{flat.dtype.itemsize}").any(axis=1)
+        kept[:count] = _nonzero_rows(flat)
         rows = self.order[kept[self.order]]
         if not len(rows):
             return None
@@ -459,15 +479,34 @@ class _RowShards:
         if self.compressors:
             parts = [_compress(raw[row], self.compressors) for row in rows]
             lengths = np.array([len(part) for part in parts], np.uint64)
-        else:
-            parts = [raw[rows]]
+        else:  # consecutive rows as one view each
+            runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+            parts = [raw[run[0]:run[-1] + 1] for run in runs]
             lengths = np.full(len(rows), raw.shape[1], np.uint64)
         index = np.full((len(self.order), 2), 2**64 - 1, np.uint64)
         index[rows, 0] = np.cumsum(lengths) - lengths
         index[rows, 1] = lengths
         index_bytes = index.astype("<u8").tobytes()
         checksum = np.array([google_crc32c.value(index_bytes)], np.uint32).tobytes()  # native order, as zarr's
-        return self.prototype.buffer.from_bytes(b"".join([*parts, index_bytes, checksum]))
+        return [*parts, index_bytes, checksum]
+
+    def encode(self, value: np.ndarray):
+        """The shard object of ``value`` (a zarr ``Buffer``), None where every row is all zero bits."""
+        parts = self.parts(value)
+        return None if parts is None else self.prototype.buffer.from_bytes(b"".join(parts))
+
+
+def _nonzero_rows(flat: np.ndarray) -> np.ndarray:
+    """bool per row of the 2-d ``flat``: whether any of its bits is set (zarr's test of an inner
+    chunk it stores, fill value zero). A row found set at a few sampled positions is not read
+    further (an image is rarely zero there); only the others are read whole."""
+    width = next(n for n in (8, 4, 2, 1) if flat.shape[1] * flat.dtype.itemsize % n == 0)
+    bits = flat.view(np.uint8).view(f"u{width}")  # the widest words a row splits into: fewer to test
+    kept = bits[:, ::max(1, bits.shape[1] // 64)].any(axis=1)
+    unsure = np.flatnonzero(~kept)
+    if len(unsure):
+        kept[unsure] = bits[unsure].any(axis=1)
+    return kept
 
 
 class _WholeChunk:
@@ -557,13 +596,14 @@ def _local_folders(arrays: Mapping[str, Any]) -> dict[str, str] | None:
     return {name: os.path.join(array.store_path.store.root, array.store_path.path) for name, array in arrays.items()}
 
 
-def _write_local(path: str, data) -> None:
-    """zarr's ``LocalStore.set`` of the file ``path`` (``delete`` where ``data`` is None), in the
-    calling thread: written to a temporary file beside it, then renamed over it (a reader never sees
-    half an object), its folder made only where it is missing. zarr's own put hops to a worker
-    thread and makes the folder every time: ~8x the cost of the write itself here (the 384 objects
-    of 32 shards of 16 96x96 candidates: ~0.17 s vs ~0.02 s)."""
-    if data is None:
+def _write_local(path: str, parts) -> None:
+    """zarr's ``LocalStore.set`` of the file ``path`` (``delete`` where ``parts`` is None), in the
+    calling thread: ``parts``, the object's bytes as buffers that follow each other, written to a
+    temporary file beside it with one gathering write (no joined copy), then renamed over it (a
+    reader never sees half an object), its folder made only where it is missing. zarr's own put
+    hops to a worker thread and makes the folder every time: ~8x the cost of the write itself here
+    (the 384 objects of 32 shards of 16 96x96 candidates: ~0.17 s vs ~0.02 s)."""
+    if parts is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
@@ -576,9 +616,7 @@ def _write_local(path: str, data) -> None:
         fd = os.open(partial, flags, 0o666)
     try:
         try:
-            view = memoryview(data.as_buffer_like()).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, parts)
         finally:
             os.close(fd)
         os.replace(partial, path)
@@ -586,6 +624,24 @@ def _write_local(path: str, data) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
         raise
+
+
+_IOV_MAX = 1024  # buffers one writev takes at most (POSIX guarantees 16; Linux and macOS take 1024)
+
+
+def _write_all(fd: int, parts) -> None:
+    """Every byte of ``parts`` (buffers, in order) to ``fd``: ``os.writev`` where there is one,
+    again from where it stopped until all is written."""
+    views = [view for view in (memoryview(part).cast("B") for part in parts) if len(view)]
+    gather = getattr(os, "writev", None)
+    first = 0
+    while first < len(views):
+        written = gather(fd, views[first:first + _IOV_MAX]) if gather else os.write(fd, views[first])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 def _open_arrays(group, names: tuple[str, ...]) -> dict[str, Any]:
@@ -679,12 +735,12 @@ class ShardWriter:
                    for name, value in values.items() if name not in self.encoders]
         marked = False
         try:
-            items = [(name, encoder.key(shard), encoder.encode(values[name]))
-                     for name, encoder in self.encoders.items()]
-            if self.folders is not None:
-                for name, key, data in items:
-                    _write_local(f"{self.folders[name]}/{key}", data)
+            if self.folders is not None:  # each object written as it is encoded, from its parts
+                for name, encoder in self.encoders.items():
+                    _write_local(f"{self.folders[name]}/{encoder.key(shard)}", encoder.parts(values[name]))
             else:
+                items = [(name, encoder.key(shard), encoder.encode(values[name]))
+                         for name, encoder in self.encoders.items()]
                 marker = None
                 # the common case: the marker in the same submission
                 if not pending and self.marker_encoder is not None:
@@ -702,7 +758,8 @@ class ShardWriter:
         if self.marker_encoder is None:
             self.marker[shard] = 1
         elif self.folders is not None:
-            _write_local(f"{self.folders[MARKER]}/{self.marker_encoder.key(shard)}", self.marker_object)
+            _write_local(f"{self.folders[MARKER]}/{self.marker_encoder.key(shard)}",
+                         [self.marker_object.as_buffer_like()])
         else:
             sync(_put([(self.marker.store_path / self.marker_encoder.key(shard), self.marker_object)]))
         return count
