@@ -188,9 +188,13 @@ def completion_times(store: str) -> list[float]:
     """When each shard of a local store was marked complete (its ``shard_complete`` object's
     mtime), in order: the store's own clock of a run, the same for the sequential loop and the
     pipeline's write tasks."""
+    import zarr
+
     from engine.synthesis.store import MARKER
 
-    return sorted(p.stat().st_mtime for p in Path(store, MARKER, "c").iterdir())
+    flags = zarr.open_array(str(Path(store, MARKER)), mode="r")  # its objects' keys, whatever their encoding
+    paths = (Path(store, MARKER, flags.metadata.encode_chunk_key((i,))) for i in range(flags.shape[0]))
+    return sorted(p.stat().st_mtime for p in paths if p.exists())
 
 
 def steady_rate(times: list[float], shard_size: int, warm: int) -> float:
