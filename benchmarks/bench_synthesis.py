@@ -213,17 +213,21 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
 
     common = [f"synthesis.max_candidates={args.candidates}", f"synthesis.num_inference_steps={args.steps}"]
     loops = {}  # torch threads -> (whole-run, steady-state) candidates/s of the sequential loop
+    loop_cpu = 0.0  # CPU seconds a shard of the one-core loop: generation, filter and write
     for threads in sorted({1, DEFAULT_THREADS}, reverse=True):
         torch.set_num_threads(threads)  # the actors' settings are 0 (keep torch's) in SEQUENTIAL
         cfg = run_config(base, base / f"f1-sequential-{threads}", args, [*common, *SEQUENTIAL])
-        seq = synthesize(cfg, sequential=True, log=quiet, parts=parts)
+        with ProcessCPU() as cpu:
+            seq = synthesize(cfg, sequential=True, log=quiet, parts=parts)
+        if threads == 1:
+            loop_cpu = cpu.per_shard(completion_times(seq["store"]))
         steady = steady_rate(completion_times(seq["store"]), cfg.synthesis.shard_size, 1)
         loops[threads] = seq["candidates_per_s"], steady
         print(f"[1] sequential loop, 1 process, {threads} torch thread(s): {seq['written']} candidates in "
               f"{seq['seconds']:.1f} s = {seq['candidates_per_s']:.2f} candidates/s; steady state (after the first "
               f"shard) {steady:.2f} candidates/s", flush=True)
     torch.set_num_threads(DEFAULT_THREADS)
-    two = two_loops_at_once(base, args)
+    two, two_cpu = two_loops_at_once(base, args)
     startup = connect_ray(args.timeout_s)
     cfg = run_config(base, base / "f1-ray", args, common)
     with deadline(args.timeout_s, "figure 1: Ray pipeline"), PeakRSS(interval=1.0) as usage:
@@ -242,6 +246,16 @@ def figure_pipeline_vs_sequential(base: Path, parts, args, lines: list) -> None:
                           for role, sec in sorted(cpu.items(), key=lambda item: -item[1]))
               + f"; idle {capacity - sum(cpu.values()):.1f} s", flush=True)
     ray_steady = steady_rate(completion_times(ray_run["store"]), cfg.synthesis.shard_size, actors)
+    # The pipeline's steady rate is the CPU its diffusion actors get divided by what a shard costs
+    # them: set beside the loops' cost of a whole shard, this tells slower actors from fewer cores.
+    steady_cpu = usage.cpu_by_role(shards_done[actors - 1], shards_done[-1])
+    window = usage.window(shards_done[actors - 1], shards_done[-1])
+    actor_cpu = steady_cpu.get("diffusion actor", 0.0) / max(len(shards_done) - actors, 1)
+    print(f"[1] CPU seconds a shard in the steady state: diffusion actors {actor_cpu:.2f} (generation only), the "
+          f"one-core loop {loop_cpu:.2f}, each of two loops at once {two_cpu:.2f} (their whole shard: preparation, "
+          f"generation, filter, write); the diffusion "
+          f"actors had {100 * steady_cpu.get('diffusion actor', 0.0) / (window * (os.cpu_count() or 1)):.1f}% of "
+          f"the {os.cpu_count()} cores, the rest went to the processes listed above", flush=True)
     with_startup = ray_run["written"] / (ray_run["seconds"] + startup)
     print(f"[1] Ray pipeline, {actors} diffusion actors x 1 thread + 1 filter actor x 1 thread: {ray_run['written']} "
           f"candidates in {ray_run['seconds']:.1f} s = {ray_run['candidates_per_s']:.2f} candidates/s "
@@ -275,17 +289,20 @@ def loop_child(base: Path, args) -> None:
     parts = load_parts(base, args, args.candidates)
     cfg = run_config(base, base / f"f1-{args.loop_child}", args, [
         f"synthesis.max_candidates={args.candidates}", f"synthesis.num_inference_steps={args.steps}", *SEQUENTIAL])
-    summary = synthesize(cfg, sequential=True, log=quiet, parts=parts)
+    with ProcessCPU() as cpu:
+        summary = synthesize(cfg, sequential=True, log=quiet, parts=parts)
+    times = completion_times(summary["store"])
     print("LOOP_RESULT " + json.dumps({"written": summary["written"], "seconds": summary["seconds"],
-                                       "shard_size": cfg.synthesis.shard_size,
-                                       "times": completion_times(summary["store"])}), flush=True)
+                                       "cpu_per_shard": cpu.per_shard(times),
+                                       "shard_size": cfg.synthesis.shard_size, "times": times}), flush=True)
 
 
-def two_loops_at_once(base: Path, args) -> float:
+def two_loops_at_once(base: Path, args) -> tuple[float, float]:
     """Candidates/s of two one-thread sequential loops running at once in two processes (each over
     half of ``--candidates``, no Ray), counted over the time both ran in their steady state (from
     the later first shard to the earlier last one): what two cores give this work on this machine
-    when nothing is shared but the hardware (memory bandwidth, caches, the VM's scheduler)."""
+    when nothing is shared but the hardware (memory bandwidth, caches, the VM's scheduler); and the
+    CPU seconds a shard cost each of them in its steady state (the mean of the two)."""
     half = max(args.candidates // 2, 1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     procs = [subprocess.Popen(
@@ -310,7 +327,7 @@ def two_loops_at_once(base: Path, args) -> float:
           + ", ".join(f"{r['written']} in {r['seconds']:.1f} s" for r in results)
           + f"; {shards} shards completed in the {stop - start:.1f} s both were past their first: "
           f"{rate:.2f} candidates/s together", flush=True)
-    return rate
+    return rate, statistics.mean(r["cpu_per_shard"] for r in results)
 
 
 class DroppingDatasink:
@@ -512,6 +529,38 @@ def _cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
+class ProcessCPU:
+    """This process's CPU seconds (all its threads), sampled with the wall clock every
+    ``interval`` s in a thread: :meth:`per_shard` is what a shard cost between the first and the
+    last of the completion times given (the steady state of a loop: its start-up left out)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append((time.time(), time.process_time()))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), time.process_time()))
+
+    def per_shard(self, times: list[float]) -> float:
+        def at(t: float) -> float:
+            return min(self.samples, key=lambda sample: abs(sample[0] - t))[1]
+
+        return (at(times[-1]) - at(times[0])) / max(len(times) - 1, 1)
 
 
 class PeakRSS:
