@@ -57,9 +57,13 @@ def test_ray_pipeline_on_s3_equals_the_sequential_loop(ray_cluster, base, tmp_pa
     make_bucket(s3_endpoint, "synth")
     url = "s3://synth/run/synthetic.zarr"
     cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}",
-                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}"])
-    summary = synthesize(cfg, log=QUIET)
+                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}",
+                                       "synthesis.progress_interval_s=0.5"])
+    lines: list[str] = []
+    summary = synthesize(cfg, log=lines.append)
     assert summary["written"] == 12 and summary["kept"] == 12 and summary["candidates_per_s"] > 0
+    progress = [line for line in lines if " shards complete (" in line]  # read from the bucket while it ran
+    assert progress and all(re.match(r"synthesis: \d of 3 shards complete \(\d+ of 12 candidates", p) for p in progress)
     options = {"endpoint_url": s3_endpoint}
     _same_store(url, reference, options)
     assert check_store(url, options)[1] == []

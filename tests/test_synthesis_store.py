@@ -392,6 +392,47 @@ def test_completed_shards_from_a_listing_equal_the_flags(tmp_path, where):
     assert completed_shards(open_store(url) if isinstance(url, str) else zarr.open_group(url, mode="r")).tolist() == expected
 
 
+def test_progress_line_counts_earlier_runs_and_estimates_the_time_left():
+    from engine.synthesis.pipeline import _duration, _Progress
+
+    now = [100.0]
+    progress = _Progress(np.array([4, 4, 4, 4]), np.array([True, False, False, False]), clock=lambda: now[0])
+    now[0] = 120.0
+    assert progress.line(np.array([True, True, True, False])) == (
+        "synthesis: 3 of 4 shards complete (12 of 16 candidates, 75%); this run 8 in 20s (0.40 candidates/s), "
+        "about 10s left")  # the shard of an earlier run is complete, not made by this run
+    assert progress.line(np.array([True, False, False, False])).endswith("this run 0 in 20s (0.00 candidates/s)")
+    assert "left" not in progress.line(np.ones(4, bool))
+    assert [_duration(s) for s in (45, 185, 7620)] == ["45s", "3m05s", "2h07m"]
+
+
+def test_shard_watch_logs_the_progress_read_from_the_store(tmp_path):
+    """The driver's watcher logs the store's complete shards as they land, every interval."""
+    import time
+
+    from engine.synthesis.pipeline import _Progress, _watch_shards
+
+    layout = StoreLayout(rows=4 * 2, height=4, width=4, shard_size=2)
+    url = str(tmp_path / "s.zarr")
+    group = create_store(url, layout, {})
+    lines: list[str] = []
+    progress = _Progress(np.full(4, 2), np.zeros(4, bool))
+    with _watch_shards(url, None, 0.0, progress, 0.1, log=lines.append):
+        for shard in range(4):
+            group[MARKER][shard] = 1
+            time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while not any(line.startswith("synthesis: 4 of 4 shards") for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    counts = [int(line.split()[1]) for line in lines]
+    assert counts and counts == sorted(counts) and counts[-1] == 4 and len(set(counts)) >= 3, lines
+    assert "(8 of 8 candidates, 100%)" in lines[-1]
+    silent: list[str] = []
+    with _watch_shards(url, None, 0.0, progress, 0.0, log=silent.append):  # no interval, no stall timeout: no thread
+        time.sleep(0.3)
+    assert silent == []
+
+
 def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
     cfg, summary = done_run
     url = cfg.synthesis.store_url(cfg.run_dir)

@@ -114,6 +114,9 @@ class SynthesisConfig:
             started again on the shards still missing (Ray Data can wait forever after a lost node
             or actor); 0 never. Raise it where one shard, or a node the autoscaler adds, takes longer.
         stall_restarts: how many such restarts before the run stops with an error (re-run to resume).
+        progress_interval_s: every this many seconds a Ray run logs a progress line read from the
+            store: shards and candidates complete (earlier runs' included), this run's candidates/s
+            and the time left at that rate; 0 never.
     """
 
     store: str = ""
@@ -140,6 +143,7 @@ class SynthesisConfig:
     address: str = ""
     stall_timeout_s: float = 1800.0
     stall_restarts: int = 2
+    progress_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         bad = credential_keys(self.storage_options)
@@ -154,7 +158,8 @@ class SynthesisConfig:
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {self.split!r}")
         for name, lo in (("candidates_per_slice", 1), ("seed", 0), ("max_candidates", 0), ("shard_size", 1),
-                         ("batch_size", 1), ("num_inference_steps", 0), ("stall_timeout_s", 0), ("stall_restarts", 0)):
+                         ("batch_size", 1), ("num_inference_steps", 0), ("stall_timeout_s", 0), ("stall_restarts", 0),
+                         ("progress_interval_s", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
         if not -1.0 <= self.threshold < 1.0:

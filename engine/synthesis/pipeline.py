@@ -16,7 +16,8 @@ all its arrays are stored. A re-run, after any crash, makes exactly the shards s
 re-run of a complete store makes nothing. A retried task (a killed actor or node) rewrites its own
 shard whole. A store written under another plan, config or checkpoint is refused, not mixed. A
 pipeline in which no shard completes for ``synthesis.stall_timeout_s`` (Ray Data can wait forever
-after a lost node or a hung actor) is stopped and started again on the shards still missing.
+after a lost node or a hung actor) is stopped and started again on the shards still missing. Every
+``synthesis.progress_interval_s`` the driver logs the shards complete, the rate and the time left.
 """
 
 from __future__ import annotations
@@ -105,38 +106,83 @@ def check_pools_fit(syn: SynthesisConfig) -> None:
 
 
 class _Stalled(BaseException):
-    """Raised into the driver's thread by :func:`_stall_watch`: a BaseException, like a Ctrl-C, so
+    """Raised into the driver's thread by :func:`_watch_shards`: a BaseException, like a Ctrl-C, so
     that no ``except Exception`` of Ray Data's on the way takes it for an error of its own."""
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a time left: 45s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _Progress:
+    """The run's progress line from the store's complete shards: shards and candidates complete
+    (those of earlier runs included), this run's candidates/s and the time left at that rate.
+
+    Args:
+        rows: candidates of each shard of the store.
+        done: the shards complete when this run started.
+        clock: seconds of a monotonic clock.
+    """
+
+    def __init__(self, rows: np.ndarray, done: np.ndarray, clock: Callable[[], float] = time.monotonic):
+        self.rows, self.start_rows, self.clock = rows, int(rows[done].sum()), clock
+        self.start = clock()
+
+    def line(self, done: np.ndarray) -> str:
+        rows, total = int(self.rows[done].sum()), int(self.rows.sum())
+        made, elapsed = rows - self.start_rows, self.clock() - self.start
+        rate = made / elapsed if elapsed > 0 else 0.0
+        left = f", about {_duration((total - rows) / rate)} left" if rate > 0 and rows < total else ""
+        return (f"synthesis: {int(done.sum())} of {done.size} shards complete ({rows} of {total} candidates, "
+                f"{rows / max(total, 1):.0%}); this run {made} in {_duration(elapsed)} "
+                f"({rate:.2f} candidates/s){left}")
+
+
 @contextlib.contextmanager
-def _stall_watch(url: str, storage_options: dict | None, timeout_s: float):
-    """Raise :class:`_Stalled` in this thread once no shard of ``url`` has completed for
-    ``timeout_s`` seconds (0: never). A watcher thread counts the complete shards; the exception
-    reaches the Ray Data loop this thread waits in (it polls every 10 ms)."""
-    if timeout_s <= 0:
+def _watch_shards(url: str, storage_options: dict | None, timeout_s: float, progress: _Progress | None = None,
+                  progress_s: float = 0.0, log: Callable[[str], None] = print):
+    """While the block runs, a thread counts the complete shards of ``url``: every ``progress_s``
+    seconds (0: never) it logs ``progress``'s line, and once no shard has completed for
+    ``timeout_s`` seconds (0: never) it raises :class:`_Stalled` in this thread (the exception
+    reaches the Ray Data loop this thread waits in: it polls every 10 ms)."""
+    stall = timeout_s > 0
+    report = progress is not None and progress_s > 0
+    if not (stall or report):
         yield
         return
+    poll = min(30.0, max(0.5, timeout_s / 10)) if stall else float("inf")
     target, stop, lock = threading.get_ident(), threading.Event(), threading.Lock()
     state = {"fired": False}
 
     def watch() -> None:
         last, since = -1, time.monotonic()
-        while not stop.wait(min(30.0, max(0.5, timeout_s / 10))):
+        logged = since
+        while not stop.wait(min(poll, max(0.05, logged + progress_s - time.monotonic()) if report else poll)):
             try:
-                count = int(completed_shards(open_store(url, "r", storage_options)).sum())
+                done = completed_shards(open_store(url, "r", storage_options))
             except Exception:  # noqa: BLE001 - an unreadable moment of the store is no progress
-                count = last
+                done = None
+            count = last if done is None else int(done.sum())
+            now = time.monotonic()
+            if report and done is not None and now - logged >= progress_s - 1e-3:
+                logged = now
+                log(progress.line(done))
             if count != last:
-                last, since = count, time.monotonic()
-            elif time.monotonic() - since >= timeout_s:
+                last, since = count, now
+            elif stall and now - since >= timeout_s:
                 with lock:
                     if not stop.is_set():
                         state["fired"] = True
                         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_Stalled))
                 return
 
-    watcher = threading.Thread(target=watch, name="stall-watch", daemon=True)
+    watcher = threading.Thread(target=watch, name="shard-watch", daemon=True)
     watcher.start()
     try:
         yield
@@ -296,9 +342,12 @@ class SynthesisJob:
         connect(self.syn.address)
         check_pools_fit(self.syn)
         syn = self.syn
+        rows = np.array([stop - start for start, stop in map(self.layout.shard_rows, range(self.layout.shards))])
+        progress = _Progress(rows, ~np.isin(np.arange(self.layout.shards), todo))
         for restart in range(syn.stall_restarts + 1):
             try:
-                with _stall_watch(self.url, syn.storage_options, syn.stall_timeout_s):
+                with _watch_shards(self.url, syn.storage_options, syn.stall_timeout_s, progress,
+                                   syn.progress_interval_s, log):
                     self._run_ray_once(todo, log)
                 return
             except _Stalled:
