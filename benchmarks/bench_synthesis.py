@@ -26,6 +26,9 @@ Every pipeline run writes a fresh store. Figures (``--only`` picks some):
    server on 127.0.0.2); and vs the same pipe plus plain numcodecs encoding of the same chunks (the
    writer encodes, the first raw writer does not). The writers take turns within each repeat (the
    store first, then last), each after an ``os.sync``; the ratios are medians of each repeat's own.
+   Written twice: ``--store-shards`` shards of the config's size (16 candidates) and
+   ``--store-large-shards`` of configs/paper.yaml's 256 (objects 16x larger: a fixed cost an object
+   weighs 16x less).
 
 Usage: python benchmarks/bench_synthesis.py [--candidates 128] [--steps 10] [--repeats 5] [--only 1,2,3,4,5]
 """
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rss-candidates", type=int, default=32, help="N of figure 4 (also runs 10N)")
     parser.add_argument("--rss-steps", type=int, default=2, help="sampler steps of figure 4 (short 10N runs)")
     parser.add_argument("--store-shards", type=int, default=32, help="shards written per store in figure 5")
+    parser.add_argument("--store-large-shards", type=int, default=8,
+                        help="figure 5 also writes this many shards of configs/paper.yaml's 256 candidates (0: not)")
     parser.add_argument("--compression", default="fast,small",
                         help="store compressions of figure 5 (synthesis.compression), comma-separated")
     parser.add_argument("--patients", type=int, default=24, help="phantom patients (192 px)")
@@ -872,12 +877,20 @@ def figure_store_writes(base: Path, parts, args, lines: list) -> None:
     from engine.synthesis.pipeline import SynthesisJob
     from engine.synthesis.store import StoreLayout
 
-    cfg = run_config(base, base / "f5", args, ["synthesis.max_candidates=0"])
-    job = SynthesisJob(cfg, parts)
-    shard_size, shards = job.layout.shard_size, min(args.store_shards, job.layout.shards)
-    layout = StoreLayout(rows=shards * shard_size, height=job.layout.height, width=job.layout.width,
-                         shard_size=shard_size)
-    rows = {s: r for s, r in store_rows(job).items() if s < shards}
+    setups = []  # (shards, shard size, layout, rows by shard)
+    for want, size in ((args.store_shards, []), (args.store_large_shards, ["synthesis.shard_size=256"])):
+        if not want:
+            continue
+        extra, per_slice = ["synthesis.max_candidates=0", *size], args.candidates_per_slice
+        job = SynthesisJob(run_config(base, base / "f5", args, extra), parts)
+        if job.layout.shards < want:  # more draws a slice until the plan holds the shards asked for
+            per_slice *= -(-want * job.layout.shard_size // job.layout.rows)
+            extra.append(f"synthesis.candidates_per_slice={per_slice}")
+            job = SynthesisJob(run_config(base, base / "f5", args, extra), parts)
+        shards, shard_size = min(want, job.layout.shards), job.layout.shard_size
+        layout = StoreLayout(rows=shards * shard_size, height=job.layout.height, width=job.layout.width,
+                             shard_size=shard_size)
+        setups.append((shards, shard_size, layout, {s: r for s, r in store_rows(job).items() if s < shards}))
 
     local = fsspec.filesystem("file", auto_mkdir=True)
     targets = [("local", local, str(base / "f5"), lambda p: p, None)]
@@ -894,10 +907,11 @@ def figure_store_writes(base: Path, parts, args, lines: list) -> None:
         s3 = fsspec.filesystem("s3", **options)
         s3.mkdir("bench")
         targets.append(("S3 (moto)", s3, "bench/f5", lambda p: f"s3://{p}", options))
-        for (name, fs, root, url_of, opts), compression in itertools.product(targets, args.compression.split(",")):
-            t = zarr_vs_raw(fs, root, url_of, opts, layout, rows, args.repeats, compression)
+        for (shards, shard_size, layout, rows), (name, fs, root, url_of, opts), compression in itertools.product(
+                setups, targets, args.compression.split(",")):
+            t = zarr_vs_raw(fs, f"{root}/s{shard_size}", url_of, opts, layout, rows, args.repeats, compression)
             mb = t["plain_mb"]  # throughputs count the candidates' plain array bytes
-            name = f"{name}, compression {compression}"
+            name = f"{name}, shards of {shard_size}, compression {compression}"
             print(f"[5] {name}: {shards} shards x {shard_size} candidates = {mb:.1f} MB of arrays "
                   f"({t['encoded_mb']:.1f} MB as Zarr chunk objects); median of {args.repeats}: zarr ShardWriter "
                   f"{t['zarr']:.3f} s ({mb / t['zarr']:.1f} MB/s); fsspec pipe, two calls per shard (objects, "
