@@ -9,7 +9,9 @@ Every pipeline run writes a fresh store. Figures (``--only`` picks some):
    goal's "1.8x on two cores" measures against) and with torch's default threads (both cores, by
    intra-op parallelism), candidates/s of the same ``--candidates``: the whole run (with and
    without Ray start-up) and the steady state (shard completion times from the store, after the
-   first shard of every diffusion actor).
+   first shard of every diffusion actor). Beside it: two one-core loops at once (the two cores'
+   ceiling for this work), the CPU time of every process by role, and the CPU seconds a shard
+   costs the diffusion actors against a loop's whole shard (slower actors or fewer cores).
 2. One diffusion actor's ``generate`` vs diffusers' stock ``StableDiffusionControlNetInpaintPipeline``
    on the same UNet, ControlNet, VAE, scheduler, caption states, batch and steps (1 torch thread
    each, the actor's setting; warmed up; median of ``--repeats``): the pipeline as diffusers ships
