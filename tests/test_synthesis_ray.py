@@ -215,6 +215,58 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path
         ray_cluster["start_worker"]()
 
 
+def _node_of(pid: int) -> str:
+    """The IP of the Ray node that started process ``pid``: its raylet's ``--node_ip_address``
+    (Ray workers are the children of their node's raylet); "" when it is gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        while pid > 1:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "raylet/raylet" in cmdline:
+                return re.search(r"--node_ip_address=(\S+)", cmdline).group(1)
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return ""
+
+
+def test_actor_pools_go_to_the_nodes_with_their_resources_and_a_resource_nobody_has_is_refused(
+        ray_cluster, base, tmp_path, reference):
+    """``synthesis.*.resources`` places each pool (here by Ray's per-node resource: the diffusion
+    actors on the head, the filter actor on the worker node, where Ray's own placement puts neither
+    on this cluster); a resource no node offers stops the run before anything is made, instead of
+    an actor pool waiting for it forever."""
+    from tests.conftest import HEAD_IP, WORKER_IP
+
+    earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0",
+                                       f"synthesis.diffusion.resources={{'node:{HEAD_IP}': 0.01}}",
+                                       f"synthesis.filter.resources={{'node:{WORKER_IP}': 0.01}}"])
+    seen: dict[str, set[str]] = {"DiffusionActor": set(), "FilterActor": set()}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(0.2):
+            for role, nodes in seen.items():
+                nodes.update(_node_of(pid) for pid in _pids(role) if pid not in earlier)
+            for nodes in seen.values():
+                nodes.discard("")  # a process that ended while looked at
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        summary = synthesize(cfg, log=QUIET)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert summary["written"] == 12
+    _same_store(cfg.synthesis.store_url(cfg.run_dir), reference)
+    assert seen == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
+
+    missing = tiny_config(base, tmp_path / "missing", ["synthesis.diffusion.resources={gpu_h100: 1}"])
+    with pytest.raises(ValueError, match=r"synthesis.diffusion.resources asks 1 x 1 of 'gpu_h100'; the cluster has 0 "
+                                         r"\(no node offers it\)"):
+        synthesize(missing, log=QUIET)
+    assert not completed_shards(open_store(missing.synthesis.store_url(missing.run_dir))).any()  # nothing made
+
+
 def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, tmp_path, s3_endpoint):
     """A frozen diffusion actor (SIGSTOP: alive to Ray, doing nothing) stalls Ray Data for good; the
     engine notices that no shard completes, stops the pipeline and starts it again on the rest."""

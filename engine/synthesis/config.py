@@ -47,6 +47,10 @@ class ActorPoolConfig:
         channels_last: the model's convolutions in channels-last memory layout (same results up to
             float rounding; on 2 CPU cores 1.14x the diffusion actor's images/s and 1.29x the
             reward model's, benchmarks/RESULTS.md; the layout GPU tensor cores prefer).
+        resources: Ray custom resources each actor needs, to place the pool on some nodes of a
+            mixed cluster: a GPU type (``{"accelerator_type:H100": 0.001}``, the resource Ray gives
+            nodes of that GPU), a node group's own resource (``ray start --resources``, a KubeRay
+            worker group's ``rayStartParams``) or one node (``{"node:10.0.0.7": 0.01}``).
     """
 
     actors: int = 1
@@ -55,8 +59,14 @@ class ActorPoolConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     torch_threads: int = 1
     channels_last: bool = True
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources: {name!r} is set by num_cpus / num_gpus, not as a custom resource")
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+                raise ValueError(f"resources: {name!r} needs an amount > 0, got {amount!r}")
         if self.actors < 1:
             raise ValueError(f"actors must be >= 1, got {self.actors}")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:

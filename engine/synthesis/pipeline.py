@@ -96,6 +96,13 @@ def check_pools_fit(syn: SynthesisConfig) -> None:
                 + 2 * syn.prepare_cpus)
     need_gpu = syn.diffusion.actors * syn.diffusion.num_gpus + syn.filter.actors * syn.filter.num_gpus
     have = ray.cluster_resources()
+    for pool, cfg in (("diffusion", syn.diffusion), ("filter", syn.filter)):
+        for name, amount in cfg.resources.items():
+            if cfg.actors * amount > have.get(name, 0.0) + 1e-9:
+                raise ValueError(
+                    f"synthesis.{pool}.resources asks {cfg.actors} x {amount:g} of {name!r}; the cluster has "
+                    f"{have.get(name, 0.0):g}" + ("" if name in have else " (no node offers it)") +
+                    ": check the resource's name against the nodes' (`ray status`), or lower the amount")
     if need_cpu > have.get("CPU", 0.0) + 1e-9 or need_gpu > have.get("GPU", 0.0) + 1e-9:
         raise ValueError(
             f"the synthesis pools need {need_cpu:g} CPU and {need_gpu:g} GPU (diffusion {syn.diffusion.actors} x "
@@ -328,12 +335,12 @@ class SynthesisJob:
                             num_cpus=syn.prepare_cpus)
         ds = ds.map_batches(method_actor(syn.method), batch_size=1, fn_constructor_kwargs=diffusion_args,
                             compute=ray.data.ActorPoolStrategy(size=syn.diffusion.actors), num_cpus=syn.diffusion.num_cpus,
-                            num_gpus=syn.diffusion.num_gpus or None)
+                            num_gpus=syn.diffusion.num_gpus or None, resources=syn.diffusion.resources or None)
         if not filtered:
             return ds
         return ds.map_batches(FilterActor, batch_size=1, fn_constructor_kwargs=filter_args,
                               compute=ray.data.ActorPoolStrategy(size=syn.filter.actors), num_cpus=syn.filter.num_cpus,
-                              num_gpus=syn.filter.num_gpus or None)
+                              num_gpus=syn.filter.num_gpus or None, resources=syn.filter.resources or None)
 
     def run_ray(self, todo: list[int], log: Callable[[str], None]) -> None:
         """Make shards ``todo`` with the Ray pipeline; one that stalls is started again on the rest."""
