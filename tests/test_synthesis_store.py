@@ -85,6 +85,7 @@ def test_candidate_inputs_do_not_depend_on_their_shard(parts, base):
 def test_store_layout_and_one_writer_per_shard(tmp_path):
     layout = StoreLayout(rows=10, height=8, width=8, shard_size=4)
     assert layout.shards == 3 and layout.shard_rows(2) == (8, 10)
+    assert layout.shard_sizes().tolist() == [4, 4, 2]
     group = create_store(str(tmp_path / "s.zarr"), layout, {"candidates": 10})
     rows = {"image": np.full((2, 8, 8), 0.5, np.float32), "label": np.zeros((2, 8, 8), np.uint8),
             "condition": np.zeros((2, 8, 8), np.uint8), "dice": np.zeros(2, np.float32), "passed": np.zeros(2, bool),

@@ -50,7 +50,7 @@ class ActorPoolConfig:
         resources: Ray custom resources each actor needs, to place the pool on some nodes of a
             mixed cluster: a GPU type (``{"accelerator_type:H100": 0.001}``, the resource Ray gives
             nodes of that GPU), a node group's own resource (``ray start --resources``, a KubeRay
-            worker group's ``rayStartParams``) or one node (``{"node:10.0.0.7": 0.01}``).
+            worker group's ``rayStartParams``) or one node (``{"node:<its IP>": 0.01}``).
     """
 
     actors: int = 1

@@ -349,8 +349,7 @@ class SynthesisJob:
         connect(self.syn.address)
         check_pools_fit(self.syn)
         syn = self.syn
-        rows = np.array([stop - start for start, stop in map(self.layout.shard_rows, range(self.layout.shards))])
-        progress = _Progress(rows, ~np.isin(np.arange(self.layout.shards), todo))
+        progress = _Progress(self.layout.shard_sizes(), ~np.isin(np.arange(self.layout.shards), todo))
         for restart in range(syn.stall_restarts + 1):
             try:
                 with _watch_shards(self.url, syn.storage_options, syn.stall_timeout_s, progress,
@@ -431,7 +430,7 @@ def synthesize(cfg, *, sequential: bool = False, log: Callable[[str], None] = pr
     group = job.open_or_create()
     done = completed_shards(group)
     todo = [int(i) for i in np.flatnonzero(~done)]
-    rows = sum(job.layout.shard_rows(i)[1] - job.layout.shard_rows(i)[0] for i in todo)
+    rows = int(job.layout.shard_sizes()[todo].sum())
     log(f"synthesis ({job.syn.method}): {job.layout.rows} candidates in {job.layout.shards} shards -> {job.url}; "
         f"{len(todo)} shard(s) ({rows} candidates) to make, {int(done.sum())} already complete; "
         f"{len(job.plan.skipped)} apex candidate(s) not planned")

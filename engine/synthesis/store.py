@@ -71,6 +71,10 @@ class StoreLayout:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.rows)
 
+    def shard_sizes(self) -> np.ndarray:
+        """Candidates of every shard (the last one may hold fewer)."""
+        return np.minimum(self.shard_size, self.rows - np.arange(self.shards) * self.shard_size)
+
     @classmethod
     def of_group(cls, group) -> StoreLayout:
         n, h, w = group["image"].shape
