@@ -248,8 +248,6 @@ DOWNSTREAM_TINY = [
 ]
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(300)
 def _tiny_paste_run(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """A tiny run with a paste store of 12 candidates (all kept, rejected images too): ``(base,
     run_dir, the store's config overrides)``."""
@@ -264,6 +262,8 @@ def _tiny_paste_run(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return base, run_dir, store_args
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunning(ray_cluster, tmp_path_factory):
     import zarr
 
@@ -320,6 +320,8 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
         sweep(other, log=log.append)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(ray_cluster, tmp_path_factory):
     """`lgesynth sweep` on the cluster, Ctrl-C (SIGINT) while its trials train: exit 130 with one line
     and no results; the same command restores the experiment and runs the trials that were running.

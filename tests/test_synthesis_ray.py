@@ -201,17 +201,48 @@ def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_c
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path, s3_endpoint, kind):
+    """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete:
+    Ray starts them again on the head, the run goes on without the node and every candidate is
+    stored once. (The head's CPU is held until the kill, so that both actors start on the worker:
+    Ray's own placement puts either on either node.)"""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tests.conftest import HEAD_IP, WORKER_IP
+
     cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
-    seen = _when_shards_complete(url, 2, lambda: ray_cluster["kill_worker"]() or True, storage_options=options)
+    earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
+    hold = placement_group([{"CPU": 0.8, f"node:{HEAD_IP}": 0.01}])  # room on the head for a 0.2-CPU task only
+    ray.get(hold.ready(), timeout=60)
+    released = threading.Event()
+
+    def release():
+        if not released.is_set():
+            released.set()
+            remove_placement_group(hold)
+
+    def kill_the_worker_node():
+        held = {role: sorted({_node_of(pid) for pid in _pids(role) if pid not in earlier} - {""})
+                for role in ("DiffusionActor", "FilterActor")}
+        release()
+        ray_cluster["kill_worker"]()
+        return held
+
+    seen = _when_shards_complete(url, 2, kill_the_worker_node, storage_options=options)
     try:
         summary = synthesize(cfg, log=QUIET)
         seen["thread"].join(5)
         assert seen.get("result"), "the worker node was not killed"
         assert seen["complete_at_action"] < seen["total"], "the run ended before the node was killed"
+        # the actors still at work when the node died were on it (the diffusion actor may have made
+        # every shard already: a filter actor slower to start than it lags behind)
+        held = seen["result"]
+        assert held["FilterActor"] == [WORKER_IP] and set(held["DiffusionActor"]) <= {WORKER_IP}, held
         assert summary["written"] == 20 and summary["shards_complete"] == 10
         _exactly_once(url, 20, options)
     finally:
         seen["thread"].join(60)
+        release()
         ray_cluster["start_worker"]()
 
 
