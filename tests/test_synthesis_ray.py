@@ -1,8 +1,10 @@
 """The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
 sequential loop, on a local path, memory:// and a real S3 endpoint (moto), and exactly once through
-a killed diffusion actor (local, memory, S3), a killed worker node (local, S3) and a killed driver
-(local, S3; memory:// dies with its driver): a versioned bucket shows that no object of a shard that
-was complete is written again by the re-run."""
+a killed diffusion actor (local, memory, S3), a killed worker node (S3) and a killed driver (S3;
+memory:// dies with its driver): a versioned bucket shows that no object of a shard that was complete
+is written again by the re-run. The driver's recovery is the same for every store; the local path
+goes through a killed actor and a stalled pipeline (the node and driver cases on it cost two minutes
+of CI and were dropped)."""
 
 import contextlib
 import os
@@ -97,6 +99,18 @@ def _pids(text: str) -> list[int]:
             if text in cmdline:
                 out.append(int(entry))
     return out
+
+
+def _node_of(pid: int) -> str:
+    """The IP of the Ray node that started process ``pid``: its raylet's ``--node_ip_address``
+    (Ray workers are the children of their node's raylet); "" when it is gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        while pid > 1:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "raylet/raylet" in cmdline:
+                return re.search(r"--node_ip_address=(\S+)", cmdline).group(1)
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return ""
 
 
 def _failure_config(kind: str, base, tmp_path, s3_endpoint):
@@ -199,8 +213,7 @@ def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_c
     _exactly_once(url, 20, options)
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
-def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path, s3_endpoint, kind):
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path, s3_endpoint):
     """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete:
     Ray starts them again on the head, the run goes on without the node and every candidate is
     stored once. (The head's CPU is held until the kill, so that both actors start on the worker:
@@ -210,7 +223,7 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path
 
     from tests.conftest import HEAD_IP, WORKER_IP
 
-    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
+    cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
     earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
     hold = placement_group([{"CPU": 0.8, f"node:{HEAD_IP}": 0.01}])  # room on the head for a 0.2-CPU task only
     ray.get(hold.ready(), timeout=60)
@@ -244,18 +257,6 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path
         seen["thread"].join(60)
         release()
         ray_cluster["start_worker"]()
-
-
-def _node_of(pid: int) -> str:
-    """The IP of the Ray node that started process ``pid``: its raylet's ``--node_ip_address``
-    (Ray workers are the children of their node's raylet); "" when it is gone."""
-    with contextlib.suppress(OSError, AttributeError):
-        while pid > 1:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "raylet/raylet" in cmdline:
-                return re.search(r"--node_ip_address=(\S+)", cmdline).group(1)
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return ""
 
 
 def test_actor_pools_go_to_the_nodes_with_their_resources_and_a_resource_nobody_has_is_refused(
@@ -366,10 +367,8 @@ def test_a_pipeline_that_stalls_every_time_stops_with_the_complete_shards_kept(b
 
 
 def _writes(url: str, shards, storage_options) -> dict:
-    """How the objects of ``shards`` were written: each shard's ``sample_id`` chunk's mtime (a local
-    store), or each of their objects' number of versions (a versioned bucket: a rewrite adds one)."""
-    if "://" not in url:
-        return {i: (Path(url) / "sample_id" / f"c.{i}").stat().st_mtime_ns for i in shards}
+    """How often the objects of ``shards`` were written: their number of versions in the versioned
+    bucket (a rewrite adds one)."""
     import boto3
 
     bucket, prefix = url[len("s3://"):].split("/", 1)
@@ -383,9 +382,8 @@ def _writes(url: str, shards, storage_options) -> dict:
     return versions
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
-def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path, s3_endpoint, kind):
-    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
+def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path, s3_endpoint):
+    cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
     config = tmp_path / "run.yaml"
     dump_config(cfg, config)
     # The killed driver's Ray Data resource request lapses 15 s after its last renewal (every 10 s)
@@ -405,8 +403,8 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
         assert 0 < done.sum() < done.size
         kept = set(np.flatnonzero(done).tolist())
         before = _writes(url, kept, options)
-        if options:  # every object of a complete shard written once, its flag among them
-            assert set(before.values()) == {1} and sum("shard_complete/" in key for key in before) == len(kept)
+        # every object of a complete shard written once, its flag among them
+        assert set(before.values()) == {1} and sum("shard_complete/" in key for key in before) == len(kept)
         summary = synthesize(cfg, log=QUIET)
         # Ray kills the dead driver's tasks, but a write task may finish its shard first, after the
         # look above: the re-run writes exactly the shards incomplete when it opened the store
