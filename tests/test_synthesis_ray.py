@@ -303,7 +303,9 @@ def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, 
     """A frozen diffusion actor (SIGSTOP: alive to Ray, doing nothing) stalls Ray Data for good; the
     engine notices that no shard completes, stops the pipeline and starts it again on the rest."""
     cfg, url, _ = _failure_config("local", base, tmp_path, s3_endpoint)
-    cfg.synthesis.stall_timeout_s, cfg.synthesis.stall_restarts = 20.0, 1
+    # the restarted pipeline's new actors must start and store a shard within it: on a loaded
+    # two-core VM their start alone took 30 s (20 s stalled the restart too, once in CI)
+    cfg.synthesis.stall_timeout_s, cfg.synthesis.stall_restarts = 45.0, 1
     frozen: list[int] = []
 
     def freeze_the_first_diffusion_actor():  # as it starts: later, it may have made every shard already
