@@ -43,6 +43,9 @@ for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPO
 # Ray Train's controller polls its workers every 2 s by default: a finished or dead worker group is
 # noticed up to 2 s late, on each of the suite's ~20 training runs.
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+# Ray Train starts a PreemptionWatcher actor with every run (a new process: ~3 s of a core here) to
+# drain workers of nodes a cloud provider is about to reclaim; two loopback nodes are never reclaimed.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 NODE_MEMORY = 2 * 1024**3  # logical memory per node; each node would otherwise claim the whole machine
 NODE_OBJECT_STORE = 200 * 1024**2
 START_TIMEOUT_S = 90
@@ -81,7 +84,11 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
 
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_health_check_period_ms": "1000",
            "RAY_health_check_failure_threshold": "5",
-           "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS)}
+           "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
+           # Each node's log monitor globs its log folder for new worker logs 10 times a second until
+           # it has seen 1000 files, then twice a second: here twice a second from the start (the two
+           # monitors had taken 132 s of a core over the suite, the more the more logs it had left).
+           "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
     # Ports Ray otherwise takes by fixed default (dashboard agent 52365, client server 10001): free
     # ones, so the test cluster starts beside any other Ray instance on the machine.
     ip = next(a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address="))

@@ -1,7 +1,8 @@
 """`lgesynth sweep`: the grid (the real-only baseline once), the selection of stored samples by
 Dice (and the refusal of a threshold a store cannot serve), the aggregation over seeds and the
 best-setting rule, the outputs; and one tiny sweep on the session's real Ray cluster (Tune trials
-driving Ray Train runs), re-run to check that the restored experiment runs nothing again."""
+training in their own processes), re-run to check that the restored experiment runs nothing again,
+and one interrupted by Ctrl-C (Tune trials driving Ray Train runs) and resumed."""
 
 import csv
 import json
@@ -274,7 +275,10 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
     dice = np.unique(zarr.open_group(str(run_dir / "synthetic.zarr"), mode="r")["dice"][:])
     strict = float(dice[-3])  # the two highest Dice values lie above it: fewer samples than asked for
     expected = {-1.0: 12, strict: int((zarr.open_group(str(run_dir / "synthetic.zarr"), mode="r")["dice"][:] > np.float32(strict)).sum())}
-    cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, "sweep.methods=[paste]", "sweep.n_synthetic=[0,4]",
+    # the downstream models train in their trials' own processes (num_workers 0; the Ctrl-C test below
+    # drives Ray Train runs from its trials): no Train controller and worker a trial, ~35 s of a core
+    cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, "downstream.ray.num_workers=0",
+                                      "sweep.methods=[paste]", "sweep.n_synthetic=[0,4]",
                                       f"sweep.thresholds=[-1.0,{strict!r}]", "sweep.seeds=[0]", "sweep.name=tiny"])
     log: list[str] = []
     result = sweep(cfg, log=log.append)
