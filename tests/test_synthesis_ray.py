@@ -306,6 +306,7 @@ def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, 
     # the restarted pipeline's new actors must start and store a shard within it: on a loaded
     # two-core VM their start alone took 30 s (20 s stalled the restart too, once in CI)
     cfg.synthesis.stall_timeout_s, cfg.synthesis.stall_restarts = 45.0, 1
+    cfg.synthesis.num_inference_steps = 4  # the actor is frozen as it starts: no need of a slow run
     frozen: list[int] = []
 
     def freeze_the_first_diffusion_actor():  # as it starts: later, it may have made every shard already
@@ -386,6 +387,8 @@ def _writes(url: str, shards, storage_options) -> dict:
 
 def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path, s3_endpoint):
     cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
+    # killed once 2 of the 10 shards are stored, not by time: a shard of 4 steps leaves 8 to make
+    cfg.synthesis.num_inference_steps = 4
     config = tmp_path / "run.yaml"
     dump_config(cfg, config)
     # The killed driver's Ray Data resource request lapses 15 s after its last renewal (every 10 s)
