@@ -87,7 +87,7 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
            "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
            # Each node's log monitor globs its log folder for new worker logs 10 times a second until
            # it has seen 1000 files, then twice a second: here twice a second from the start (the two
-           # monitors had taken 132 s of a core over the suite, the more the more logs it had left).
+           # monitors had taken 132 s of a core over the suite, the more the longer the session ran).
            "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
     # Ports Ray otherwise takes by fixed default (dashboard agent 52365, client server 10001): free
     # ones, so the test cluster starts beside any other Ray instance on the machine.
