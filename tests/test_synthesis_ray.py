@@ -1,10 +1,10 @@
 """The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
-sequential loop, on a local path, memory:// and a real S3 endpoint (moto), and exactly once through
-a killed diffusion actor (local, memory, S3), a killed worker node (S3) and a killed driver (S3;
-memory:// dies with its driver): a versioned bucket shows that no object of a shard that was complete
-is written again by the re-run. The driver's recovery is the same for every store; the local path
-goes through a killed actor and a stalled pipeline (the node and driver cases on it cost two minutes
-of CI and were dropped)."""
+sequential loop on a real S3 endpoint (moto), with each actor pool placed on the node it asks for;
+and exactly once, every candidate equal to the sequential loop's, through a killed diffusion actor
+(a local folder, memory:// and S3), a killed worker node (S3), a stalled pipeline (local) and a
+killed driver (S3; memory:// dies with its driver): a versioned bucket shows that no object of a
+shard that was complete is written again by the re-run. tests/test_cluster.py kills the driver of a
+job submitted to a two-node cluster writing to a local folder, and re-submits it."""
 
 import contextlib
 import os
@@ -29,9 +29,11 @@ from tests.synth_helpers import make_tiny_run, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 QUIET = lambda _: None  # noqa: E731
-# slow enough (many sampler steps, small shards) that a failure lands in the middle of the run
+# slow enough (many sampler steps, small shards) that a failure lands in the middle of the run; all
+# kept (threshold -1), so that every stored image is compared with the sequential loop's; a Ray Data
+# hang after a failure: the engine restarts the pipeline after 60 s
 SLOW = ["synthesis.shard_size=2", "synthesis.num_inference_steps=12", "synthesis.max_candidates=20",
-        "synthesis.stall_timeout_s=60"]  # a Ray Data hang after a failure: the engine restarts the pipeline
+        "synthesis.threshold=-1.0", "synthesis.stall_timeout_s=60"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,23 @@ def reference(base, tmp_path_factory):
     return zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")
 
 
+@pytest.fixture(scope="module")
+def slow_reference(base, tmp_path_factory):
+    """``of(steps)``: the sequential loop's store of the failure runs' config (SLOW) at ``steps``
+    sampler steps, made once: what an undisturbed run makes."""
+    made = {}
+
+    def of(steps: int):
+        if steps not in made:
+            cfg = tiny_config(base, tmp_path_factory.mktemp(f"slow_reference_{steps}"),
+                              [*SLOW, f"synthesis.num_inference_steps={steps}"])
+            synthesize(cfg, sequential=True, log=QUIET)
+            made[steps] = zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")
+        return made[steps]
+
+    return of
+
+
 def _same_store(url: str, reference, storage_options=None) -> None:
     group = open_store(url, "r", storage_options)
     for name in ("sample_id", "caption", "source", "label", "condition", "passed"):
@@ -55,14 +74,40 @@ def _same_store(url: str, reference, storage_options=None) -> None:
     np.testing.assert_allclose(group["dice"][:], reference["dice"][:], atol=1e-6)
 
 
-def test_ray_pipeline_on_s3_equals_the_sequential_loop(ray_cluster, base, tmp_path, s3_endpoint, reference, capsys):
+def test_ray_pipeline_on_s3_equals_the_sequential_loop_with_each_pool_on_its_node(
+        ray_cluster, base, tmp_path, s3_endpoint, reference, capsys):
+    """The pipeline's store on S3 equals the sequential loop's, value for value; ``synthesis.*.resources``
+    placed each pool (by Ray's per-node resource: the diffusion actors on the head, the filter actor
+    on the worker node, where Ray's own placement puts neither on this cluster)."""
+    from tests.conftest import HEAD_IP, WORKER_IP
+
     make_bucket(s3_endpoint, "synth")
     url = "s3://synth/run/synthetic.zarr"
     cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}",
                                        f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}",
-                                       "synthesis.progress_interval_s=0.5"])
+                                       "synthesis.progress_interval_s=0.5",
+                                       f"synthesis.diffusion.resources={{'node:{HEAD_IP}': 0.01}}",
+                                       f"synthesis.filter.resources={{'node:{WORKER_IP}': 0.01}}"])
+    earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
+    seen: dict[str, set[str]] = {"DiffusionActor": set(), "FilterActor": set()}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(0.2):
+            for role, nodes in seen.items():
+                nodes.update(_node_of(pid) for pid in _pids(role) if pid not in earlier)
+            for nodes in seen.values():
+                nodes.discard("")  # a process that ended while looked at
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
     lines: list[str] = []
-    summary = synthesize(cfg, log=lines.append)
+    try:
+        summary = synthesize(cfg, log=lines.append)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert seen == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
     assert summary["written"] == 12 and summary["kept"] == 12 and summary["candidates_per_s"] > 0
     progress = [line for line in lines if " shards complete (" in line]  # read from the bucket while it ran
     assert progress and all(re.match(r"synthesis: \d of 3 shards complete \(\d+ of 12 candidates", p) for p in progress)
@@ -79,12 +124,13 @@ def test_ray_pipeline_on_s3_equals_the_sequential_loop(ray_cluster, base, tmp_pa
     assert rows[0]["image"].shape == (1, 64, 64)
 
 
-def test_ray_pipeline_into_a_process_local_memory_store(ray_cluster, base, tmp_path, reference):
-    url = "memory://ray-test/synthetic.zarr"
-    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}"])
-    summary = synthesize(cfg, log=QUIET)
-    assert summary["written"] == 12
-    _same_store(url, reference)
+def test_a_resource_nobody_has_is_refused_before_anything_is_made(ray_cluster, base, tmp_path):
+    """Instead of an actor pool waiting for it forever."""
+    missing = tiny_config(base, tmp_path, ["synthesis.diffusion.resources={gpu_h100: 1}"])
+    with pytest.raises(ValueError, match=r"synthesis.diffusion.resources asks 1 x 1 of 'gpu_h100'; the cluster has 0 "
+                                         r"\(no node offers it\)"):
+        synthesize(missing, log=QUIET)
+    assert not completed_shards(open_store(missing.synthesis.store_url(missing.run_dir))).any()  # nothing made
 
 
 def _pids(text: str) -> list[int]:
@@ -159,9 +205,12 @@ def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0, 
     return seen
 
 
-def _exactly_once(url: str, total: int, storage_options=None) -> None:
+def _exactly_once(url: str, reference, storage_options=None) -> None:
+    """Every candidate of the plan stored once (check-store), and as the undisturbed sequential loop made it."""
+    total = reference["sample_id"].shape[0]
     summary, problems = check_store(url, storage_options)
     assert problems == [] and summary["rows"] == total and summary["unique_ids"] == total
+    _same_store(url, reference, storage_options)
 
 
 def _kill_when_busy(text: str, after_s: float, earlier: set[int], timeout: float = 240.0) -> dict:
@@ -200,20 +249,21 @@ def _kill_when_busy(text: str, after_s: float, earlier: set[int], timeout: float
 
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
-def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, tmp_path, s3_endpoint,
-                                                                           kind):
+def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, slow_reference, tmp_path,
+                                                                           s3_endpoint, kind):
     """A diffusion actor killed while it generates, a second into its work (10 shards), is replaced;
-    the shards it held are made again and every candidate is stored once."""
+    the shards it held are made again and every candidate is stored once, as the sequential loop
+    makes it."""
     cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
     seen = _kill_when_busy("DiffusionActor", 1.0, earlier=set(_pids("DiffusionActor")))
     summary = synthesize(cfg, log=QUIET)
     seen["thread"].join(5)
     assert seen.get("result"), f"no diffusion actor was killed (seen at work: {seen.get('busy_seen')})"
     assert summary["written"] == 20 and summary["shards_complete"] == 10
-    _exactly_once(url, 20, options)
+    _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
 
 
-def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path, s3_endpoint):
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint):
     """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete:
     Ray starts them again on the head, the run goes on without the node and every candidate is
     stored once. (The head's CPU is held until the kill, so that both actors start on the worker:
@@ -252,54 +302,15 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, tmp_path
         held = seen["result"]
         assert held["FilterActor"] == [WORKER_IP] and set(held["DiffusionActor"]) <= {WORKER_IP}, held
         assert summary["written"] == 20 and summary["shards_complete"] == 10
-        _exactly_once(url, 20, options)
+        _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
     finally:
         seen["thread"].join(60)
         release()
         ray_cluster["start_worker"]()
 
 
-def test_actor_pools_go_to_the_nodes_with_their_resources_and_a_resource_nobody_has_is_refused(
-        ray_cluster, base, tmp_path, reference):
-    """``synthesis.*.resources`` places each pool (here by Ray's per-node resource: the diffusion
-    actors on the head, the filter actor on the worker node, where Ray's own placement puts neither
-    on this cluster); a resource no node offers stops the run before anything is made, instead of
-    an actor pool waiting for it forever."""
-    from tests.conftest import HEAD_IP, WORKER_IP
-
-    earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
-    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0",
-                                       f"synthesis.diffusion.resources={{'node:{HEAD_IP}': 0.01}}",
-                                       f"synthesis.filter.resources={{'node:{WORKER_IP}': 0.01}}"])
-    seen: dict[str, set[str]] = {"DiffusionActor": set(), "FilterActor": set()}
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(0.2):
-            for role, nodes in seen.items():
-                nodes.update(_node_of(pid) for pid in _pids(role) if pid not in earlier)
-            for nodes in seen.values():
-                nodes.discard("")  # a process that ended while looked at
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        summary = synthesize(cfg, log=QUIET)
-    finally:
-        stop.set()
-        thread.join(5)
-    assert summary["written"] == 12
-    _same_store(cfg.synthesis.store_url(cfg.run_dir), reference)
-    assert seen == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
-
-    missing = tiny_config(base, tmp_path / "missing", ["synthesis.diffusion.resources={gpu_h100: 1}"])
-    with pytest.raises(ValueError, match=r"synthesis.diffusion.resources asks 1 x 1 of 'gpu_h100'; the cluster has 0 "
-                                         r"\(no node offers it\)"):
-        synthesize(missing, log=QUIET)
-    assert not completed_shards(open_store(missing.synthesis.store_url(missing.run_dir))).any()  # nothing made
-
-
-def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, tmp_path, s3_endpoint):
+def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, slow_reference, tmp_path,
+                                                                  s3_endpoint):
     """A frozen diffusion actor (SIGSTOP: alive to Ray, doing nothing) stalls Ray Data for good; the
     engine notices that no shard completes, stops the pipeline and starts it again on the rest."""
     cfg, url, _ = _failure_config("local", base, tmp_path, s3_endpoint)
@@ -334,7 +345,7 @@ def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, 
         assert summary["written"] == 20 and summary["shards_complete"] == 10
         stalled = [line for line in lines if "pipeline stalled" in line]
         assert len(stalled) == 1 and "restart 1 of 1" in stalled[0], lines
-        _exactly_once(url, 20)
+        _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps))
     finally:
         for pid in frozen:  # gone if it took Ray's kill
             with contextlib.suppress(ProcessLookupError):
@@ -385,7 +396,7 @@ def _writes(url: str, shards, storage_options) -> dict:
     return versions
 
 
-def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, tmp_path, s3_endpoint):
+def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, slow_reference, tmp_path, s3_endpoint):
     cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
     # killed once 2 of the 10 shards are stored, not by time: a shard of 4 steps leaves 8 to make
     cfg.synthesis.num_inference_steps = 4
@@ -417,7 +428,7 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
         assert summary["written"] == 2 * (10 - summary["shards_already_complete"])
         assert summary["shards_complete"] == 10
         assert _writes(url, kept, options) == before  # the complete shards were not rewritten
-        _exactly_once(url, 20, options)
+        _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
