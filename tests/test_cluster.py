@@ -1,5 +1,6 @@
 """cluster/: the local multi-node cluster script end to end (start, jobs submitted with the `ray job
-submit` CLI, stop touching only its own processes), its command line, and the KubeRay and
+submit` CLI, a synthesis job whose driver is killed and which, submitted again, writes only what is
+missing, stop touching only its own processes), its command line, and the KubeRay and
 cluster-launcher manifests (what they must hold: GPU workers, secrets by reference only, nothing
 exposed outside the cluster, entrypoints that are this repository's jobs)."""
 
@@ -304,7 +305,12 @@ def test_stop_of_a_cluster_that_is_gone_cleans_up_and_touches_no_reused_pid(tmp_
 
 
 # ---------------------------------------------------------------------------------------------------
-# a real two-node cluster: a tiny synthesis and a tiny sweep submitted as Ray jobs
+# a real two-node cluster: a tiny synthesis (its driver killed, then submitted again) and a tiny sweep
+# submitted as Ray jobs
+
+# 10 shards of 2 candidates, all kept, slow enough that the driver dies with shards still to make
+SYNTHESIS = ["synthesis.threshold=-1.0", "synthesis.max_candidates=20", "synthesis.shard_size=2",
+             "synthesis.num_inference_steps=6"]
 
 # downstream model and sweep of a few seconds: one setting, one seed, the model trained inside the
 # Tune trial's own process (downstream.ray.num_workers=0: no Train worker group to start)
@@ -341,17 +347,64 @@ def _other_ray_daemons() -> dict[int, float]:
     return daemons
 
 
-def _submit(dashboard: str, submission_id: str, entrypoint: list[str], timeout: float) -> str:
-    """``ray job submit`` (blocking, logs streamed); the job must end SUCCEEDED. Returns its output."""
+def _submit(dashboard: str, submission_id: str, entrypoint: list[str], timeout: float, wait: bool = True) -> str:
+    """``ray job submit`` (blocking, logs streamed); the job must end SUCCEEDED. Returns its output.
+    Without ``wait``: submitted, not waited for (``--no-wait``)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    # the killed driver's Ray Data resource request lapses 15 s after its last renewal instead of the
+    # engine's 30 s (engine/__init__.py): the job submitted again gets the cluster's CPUs sooner
+    runtime_env = json.dumps({"env_vars": {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15"}})
     done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", submission_id,
-                           "--", *entrypoint], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                           "--runtime-env-json", runtime_env, *([] if wait else ["--no-wait"]), "--", *entrypoint],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if not wait:
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        return done.stdout + done.stderr
     client = JobSubmissionClient(dashboard)
     status = client.get_job_status(submission_id)
     assert done.returncode == 0 and status == JobStatus.SUCCEEDED, (
         f"{submission_id}: {status}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done.stdout + done.stderr + client.get_job_logs(submission_id)
+
+
+def _kill_driver_when_shards_complete(store: Path, count: int, driver_marker: str, timeout: float = 240.0) -> dict:
+    """Once ``count`` shards of the local store are complete: SIGKILL the job's driver (the process
+    group Ray's job supervisor started the entrypoint in) and return what the store held then:
+    ``{"kept": complete shard indices, "objects": their object files -> (inode, mtime_ns)}``."""
+    import numpy as np
+    import psutil
+
+    from engine.synthesis.store import completed_shards, open_store
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the store does not exist yet or is being created
+            done = completed_shards(open_store(str(store), "r"))
+            if done.sum() >= count:
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"{count} shards of {store} were not complete within {timeout:.0f} s")
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if driver_marker in " ".join(p.info["cmdline"] or [])]
+    assert drivers, f"no driver process holds {driver_marker!r}"
+    for driver in drivers:
+        with contextlib.suppress(ProcessLookupError):  # its group is killed already
+            os.killpg(os.getpgid(driver.pid), signal.SIGKILL)
+    kept = set(np.flatnonzero(completed_shards(open_store(str(store), "r"))).tolist())
+    return {"kept": kept, "total": int(done.size), "objects": _shard_objects(store, kept)}
+
+
+def _shard_objects(store: Path, shards: set[int]) -> dict[str, tuple[int, int]]:
+    """The object files of ``shards`` in a local store (``<array>/c/<shard>...``): path -> (inode,
+    mtime_ns). The store writes an object as a temporary file renamed over it: a rewrite is a new inode."""
+    objects = {}
+    for path in store.rglob("*"):
+        parts = path.relative_to(store).as_posix().replace("/", ".").split(".")
+        if path.is_file() and len(parts) > 2 and parts[1] == "c" and int(parts[2]) in shards:
+            stat = path.stat()
+            objects[path.relative_to(store).as_posix()] = (stat.st_ino, stat.st_mtime_ns)
+    return objects
 
 
 def _files_holding(token: bytes, *roots: Path) -> list[str]:
@@ -392,7 +445,7 @@ def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_
     try:
         base = make_tiny_run(work / "tiny")  # while the nodes start
         config = work / "tiny.yaml"
-        cfg = tiny_config(base, run_dir, ["synthesis.threshold=-1.0", *SWEEP])
+        cfg = tiny_config(base, run_dir, [*SYNTHESIS, *SWEEP])
         config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         phase("tiny run and config written")
         out, err = starting.communicate(timeout=180)
@@ -410,20 +463,40 @@ def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_
         status = _script("status", "--state", str(state_dir), "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["ray_alive_nodes"] == ["127.0.0.2", "127.0.0.3"]
 
+        # the synthesis job's driver is killed once 2 of its 10 shards are stored; the job submitted
+        # again makes only the shards missing, and no object of a complete shard is written again
         store = run_dir / "synthetic.zarr"
-        logs = _submit(dashboard, f"synthesize-{state['cluster_id']}",
-                       ["python", "jobs/synthesize.py", "--config", str(config), "synthesis.max_candidates=4"], 240)
-        assert '"written": 4' in logs
+        synthesize = ["python", "jobs/synthesize.py", "--config", str(config)]
+        killed_id = f"synthesize-killed-{state['cluster_id']}"
+        logs = _submit(dashboard, killed_id, synthesize, 60, wait=False)
+        at_kill = _kill_driver_when_shards_complete(store, 2, f"jobs/synthesize.py --config {config}")
+        phase(f"driver killed with {len(at_kill['kept'])} of {at_kill['total']} shards complete")
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(dashboard)
+        deadline = time.monotonic() + 60
+        while not client.get_job_status(killed_id).is_terminal():
+            assert time.monotonic() < deadline, "the killed driver's job did not end"
+            time.sleep(0.5)
+        assert client.get_job_status(killed_id) == JobStatus.FAILED
+        assert 0 < len(at_kill["kept"]) < at_kill["total"] and at_kill["objects"]
+        logs += _submit(dashboard, f"synthesize-{state['cluster_id']}", synthesize, 240)
+        already = int(re.search(r'"shards_already_complete": (\d+)', logs).group(1))
+        # Ray kills the dead driver's tasks, but a write task may finish its shard first, after the
+        # look above: the job submitted again writes exactly the shards incomplete when it opened the store
+        assert already >= len(at_kill["kept"]), logs[-3000:]
+        assert re.search(rf'"written": {2 * (10 - already)}\b', logs), logs[-3000:]
+        assert _shard_objects(store, at_kill["kept"]) == at_kill["objects"]  # not one rewritten
         phase("synthesize job done")
         check = subprocess.run([str(BIN / "lgesynth"), "check-store", str(store)], capture_output=True, text=True,
                                timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
-        assert json.loads(check.stdout.strip().splitlines()[-1])["problems"] == 0
+        summary = json.loads(check.stdout.strip().splitlines()[-1])
+        assert summary["problems"] == 0 and summary["rows"] == summary["unique_ids"] == 20, summary
         phase("check-store done")
 
         logs += _submit(dashboard, f"sweep-{state['cluster_id']}",
-                        ["python", "jobs/sweep.py", "--config", str(config), "synthesis.max_candidates=4",
-                         "sweep.name=cluster"], 300)
+                        ["python", "jobs/sweep.py", "--config", str(config), "sweep.name=cluster"], 300)
         phase("sweep job done")
         sweep_dir = run_dir / "sweeps" / "cluster"
         with open(sweep_dir / "results.csv") as f:
