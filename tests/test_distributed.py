@@ -167,49 +167,69 @@ except KeyboardInterrupt as err:
 """
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("end", ["killed", "ctrl-c"])
-def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path, end):
-    """The driver dies mid-run: SIGKILL (no cleanup), or Ctrl-C (SIGINT: Ray Train aborts the run;
-    fit raises KeyboardInterrupt rather than Ray's bare SystemExit(1)); the next fit continues."""
+def _driver_until_checkpoint(ray_cluster, run_dir: str, after_step: int, started: float) -> tuple[subprocess.Popen, str]:
+    """A driver process running the slow toy fit, and its first checkpoint past ``after_step``."""
+    slow = {**TOY, "step_seconds": 0.3}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(slow), run_dir],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = None
+    while seen is None or read_checkpoint_state(seen)["step"] <= after_step:
+        assert driver.poll() is None, f"driver exited early with {driver.returncode}: {driver.communicate()[1][-2000:]}"
+        assert time.perf_counter() - started < 150, f"no checkpoint past step {after_step} within 150 s"
+        time.sleep(0.1)
+        seen = latest_checkpoint_path(run_dir, "toy-driver")
+    return driver, seen
+
+
+def _cpus_back(started: float) -> None:
     import ray
 
+    while ray.available_resources().get("CPU", 0) < 2:  # Ray reclaims the dead job's workers
+        assert time.perf_counter() - started < 200, "the dead driver's workers still hold the CPUs"
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path):
+    """The driver dies mid-run twice: Ctrl-C (SIGINT: Ray Train aborts the run; fit raises
+    KeyboardInterrupt rather than Ray's bare SystemExit(1)), then, in the driver that continued the
+    run, SIGKILL (no cleanup). Each next fit continues from the last checkpoint, and the run ends
+    exactly where an uninterrupted one does."""
     _, _, uninterrupted = completed_run
     run_dir = str(tmp_path)
     started = time.perf_counter()
-    slow = {**TOY, "step_seconds": 0.2}
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(slow), run_dir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    driver, seen = _driver_until_checkpoint(ray_cluster, run_dir, 0, started)
     try:
-        seen = None
-        while seen is None or read_checkpoint_state(seen)["step"] < 4:
-            assert driver.poll() is None, f"driver exited early with {driver.returncode}"
-            assert time.perf_counter() - started < 120, "no checkpoint within 120 s"
-            time.sleep(0.2)
-            seen = latest_checkpoint_path(run_dir, "toy-driver")
-        if end == "ctrl-c":
-            driver.send_signal(signal.SIGINT)
-            _, err = driver.communicate(timeout=60)
-            assert driver.returncode == 130 and "interrupted: run 'toy-driver' aborted" in err, err[-2000:]
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 130 and "interrupted: run 'toy-driver' aborted" in err, err[-2000:]
     finally:
         if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
+    interrupted_at = read_checkpoint_state(latest_checkpoint_path(run_dir, "toy-driver"))["step"]
+    assert interrupted_at < 16, "the interrupted run had finished: make its steps slower"
+    _cpus_back(started)
+
+    driver, seen = _driver_until_checkpoint(ray_cluster, run_dir, interrupted_at, started)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
+    driver.communicate()
     killed_at = read_checkpoint_state(seen)["step"]
-    while ray.available_resources().get("CPU", 0) < 2:  # Ray reclaims the dead job's workers
-        assert time.perf_counter() - started < 180, "the dead driver's workers still hold the CPUs"
-        time.sleep(0.5)
+    assert killed_at < 16, "the second driver's run had finished: make its steps slower"
+    _cpus_back(started)
 
     handler = signal.getsignal(signal.SIGINT)
     result = fit(toy_train_fn, TOY, name="toy-driver", run_dir=run_dir, cfg=_cfg())
     # Ray Train's Ctrl-C handler is not left behind: it swallowed a later Ctrl-C ("aborting" a run long over)
     assert signal.getsignal(signal.SIGINT) is handler
-    print(f"\n[timing] driver killed at step >= {killed_at}, then fit again: {time.perf_counter() - started:.1f} s")
+    print(f"\n[timing] interrupted at step >= {interrupted_at}, killed at step >= {killed_at}, then fit again: "
+          f"{time.perf_counter() - started:.1f} s")
     state, weights = _weights(result.checkpoint.path)
     assert state["step"] == 16
-    assert len(state["start_steps"]) == 2 and state["start_steps"][0] == 0
-    assert killed_at <= state["start_steps"][1] < 16  # continued from the dead driver's last checkpoint
+    starts = state["start_steps"]
+    assert len(starts) == 3 and starts[0] == 0, starts
+    assert interrupted_at <= starts[1] < killed_at <= starts[2] < 16, starts  # each from the last checkpoint
     for key in uninterrupted:
         torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
 
