@@ -61,6 +61,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
@@ -230,7 +231,11 @@ def latest_checkpoint_path(run_dir: str, name: str, cfg: RayTrainConfig | None =
     found = []
     if _is_uri(experiment) or os.path.exists(os.path.join(experiment, "checkpoint_manager_snapshot.json")):
         try:
-            checkpoint = Result.from_path(experiment).checkpoint
+            with warnings.catch_warnings():  # Ray 2.60 reads its snapshot with Pydantic's deprecated
+                # parse_obj: one DeprecationWarning a call, about Ray's code, for every poll of a run
+                warnings.filterwarnings("ignore", message=r"The `parse_obj` method is deprecated",
+                                        category=DeprecationWarning)
+                checkpoint = Result.from_path(experiment).checkpoint
         except RuntimeError:  # no experiment folder / no snapshot yet
             checkpoint = None
         if checkpoint is not None:
