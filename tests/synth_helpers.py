@@ -47,3 +47,10 @@ def tiny_config(base: Path, run_dir: Path, extra: list[str] | tuple[str, ...] = 
         "synthesis.candidates_per_slice=2", *SMALL_POOLS, *extra,
     ]
     return from_dict(EngineConfig, apply_overrides({}, overrides))
+
+
+def shard_of_object(key: str) -> int | None:
+    """The shard an object of a store holds, from its key relative to the store (``<array>/c.<shard>...``
+    with the store's "." chunk keys), or None for metadata (``zarr.json``)."""
+    parts = key.replace("/", ".").split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "c" else None

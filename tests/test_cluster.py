@@ -398,12 +398,14 @@ def _kill_driver_when_shards_complete(store: Path, count: int, driver_marker: st
 def _shard_objects(store: Path, shards: set[int]) -> dict[str, tuple[int, int]]:
     """The object files of ``shards`` in a local store (``<array>/c/<shard>...``): path -> (inode,
     mtime_ns). The store writes an object as a temporary file renamed over it: a rewrite is a new inode."""
+    from tests.synth_helpers import shard_of_object
+
     objects = {}
     for path in store.rglob("*"):
-        parts = path.relative_to(store).as_posix().replace("/", ".").split(".")
-        if path.is_file() and len(parts) > 2 and parts[1] == "c" and int(parts[2]) in shards:
+        key = path.relative_to(store).as_posix()
+        if path.is_file() and shard_of_object(key) in shards:
             stat = path.stat()
-            objects[path.relative_to(store).as_posix()] = (stat.st_ino, stat.st_mtime_ns)
+            objects[key] = (stat.st_ino, stat.st_mtime_ns)
     return objects
 
 

@@ -202,7 +202,7 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
     _, _, uninterrupted = completed_run
     run_dir = str(tmp_path)
     started = time.perf_counter()
-    driver, seen = _driver_until_checkpoint(ray_cluster, run_dir, 0, started)
+    driver, _ = _driver_until_checkpoint(ray_cluster, run_dir, 0, started)
     try:
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=60)

@@ -25,7 +25,7 @@ from engine.synthesis.check import check_store
 from engine.synthesis.pipeline import synthesize
 from engine.synthesis.store import completed_shards, open_store, read_store_dataset
 from tests.conftest import make_bucket
-from tests.synth_helpers import make_tiny_run, tiny_config
+from tests.synth_helpers import make_tiny_run, shard_of_object, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 QUIET = lambda _: None  # noqa: E731
@@ -390,8 +390,7 @@ def _writes(url: str, shards, storage_options) -> dict:
     versions: dict[str, int] = {}
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
         for version in page.get("Versions", []):
-            parts = version["Key"][len(prefix) + 1:].replace("/", ".").split(".")  # <array>/c.<shard>...
-            if len(parts) > 2 and parts[1] == "c" and int(parts[2]) in shards:
+            if shard_of_object(version["Key"][len(prefix) + 1:]) in shards:
                 versions[version["Key"]] = versions.get(version["Key"], 0) + 1
     return versions
 
