@@ -84,11 +84,7 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
 
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_health_check_period_ms": "1000",
            "RAY_health_check_failure_threshold": "5",
-           "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
-           # Each node's log monitor globs its log folder for new worker logs 10 times a second until
-           # it has seen 1000 files, then twice a second: here twice a second from the start (the two
-           # monitors had taken 132 s of a core over the suite, the more the longer the session ran).
-           "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
+           "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS)}
     # Ports Ray otherwise takes by fixed default (dashboard agent 52365, client server 10001): free
     # ones, so the test cluster starts beside any other Ray instance on the machine.
     ip = next(a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address="))
@@ -97,7 +93,10 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
         ports.append(f"--ray-client-server-port={_free_port(ip)}")
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [ray_cli, "start", "--block", *args, *ports,
+            # No log monitor: the workers' output stays in the node's log folder and does not reach the
+            # test's output. A monitor globs that folder twice a second or more: ~12 s of a core over
+            # the suite each (59 s for the five of a whole run, test_cluster's two included).
+            [ray_cli, "start", "--block", *args, *ports, "--include-log-monitor=false",
              "--num-cpus=1", f"--memory={NODE_MEMORY}", f"--object-store-memory={NODE_OBJECT_STORE}"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,  # own process group
         )
@@ -118,6 +117,20 @@ def _stop_nodes(processes: list[subprocess.Popen], grace_s: float = 15.0) -> Non
         process.wait(timeout=10)
 
 
+_session_nodes: list[subprocess.Popen] = []  # the ray_cluster fixture's `ray start` processes
+
+
+def in_session_cluster(pid: int) -> bool:
+    """Whether process ``pid`` runs in this test process's ray_cluster: each node starts in a session
+    of its own and every process Ray starts on it (raylet, workers, actors) keeps that session. A test
+    that kills an actor by its process title must not kill another Ray instance's (a second test
+    process, a user's own cluster on the machine)."""
+    try:
+        return os.getsid(pid) in {node.pid for node in _session_nodes}
+    except OSError:  # gone
+        return False
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node local Ray cluster; the test process is connected to it.
@@ -132,7 +145,7 @@ def ray_cluster():
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are limited to 107 chars
     port = _free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
-    nodes: list[subprocess.Popen] = []
+    nodes = _session_nodes
     try:
         head_log, worker_log = temp_dir / "head.log", temp_dir / "worker.log"
         nodes.append(_start_node(
@@ -141,7 +154,7 @@ def ray_cluster():
             head_log,
         ))
         _wait_for_port(HEAD_IP, port, nodes[0], head_log, START_TIMEOUT_S)
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
         def start_worker() -> None:
             """Start the worker node (again, after kill_worker) and wait until it is alive."""

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from nifti_factory import SHAPE, case_paths, heart_labels, raw_image, read, write_case, write_cohort, write_nifti  # noqa: E402
-
-from engine.anatomy.geometry import lv_centre  # noqa: E402
-from engine.io.cohort import CohortConfig, CohortError, SliceRecord, discover_cases, load_case, load_cohort  # noqa: E402
-from engine.io.crop import CropBox, LVCentredCrop, LVCentredCropd  # noqa: E402
+from engine.anatomy.geometry import lv_centre
+from engine.io.cohort import (
+    CohortConfig,
+    CohortError,
+    SliceRecord,
+    discover_cases,
+    load_case,
+    load_cohort,
+)
+from engine.io.crop import CropBox, LVCentredCrop, LVCentredCropd
+from tests.nifti_factory import (
+    SHAPE,
+    case_paths,
+    heart_labels,
+    raw_image,
+    read,
+    write_case,
+    write_cohort,
+    write_nifti,
+)
 
 MARK = (70, 20, 0)  # NIfTI (i, j, k): column 70, row 20 (upper right as displayed), first slice
 MARK_VALUE = 4000.0

@@ -24,7 +24,7 @@ from engine.config import dump_config
 from engine.synthesis.check import check_store
 from engine.synthesis.pipeline import synthesize
 from engine.synthesis.store import completed_shards, open_store, read_store_dataset
-from tests.conftest import make_bucket
+from tests.conftest import in_session_cluster, make_bucket
 from tests.synth_helpers import make_tiny_run, shard_of_object, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -134,10 +134,11 @@ def test_a_resource_nobody_has_is_refused_before_anything_is_made(ray_cluster, b
 
 
 def _pids(text: str) -> list[int]:
-    """Processes of this machine whose command line holds ``text`` (Ray sets actors' titles)."""
+    """Processes of the session's Ray cluster whose command line holds ``text`` (Ray sets actors'
+    titles); another Ray instance on the machine may run actors of the same names."""
     out = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and in_session_cluster(int(entry)):
             try:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:

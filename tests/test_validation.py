@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from nifti_factory import (  # noqa: E402
+from engine.io.validation import (
+    CASE_CHECKS,
+    COHORT_CHECKS,
+    Problem,
+    discover_cases,
+    validate_cohort,
+)
+from tests.nifti_factory import (
     ORIGIN,
     ZOOMS,
     affine_for,
@@ -26,8 +30,6 @@ from nifti_factory import (  # noqa: E402
     write_cohort,
     write_nifti,
 )
-
-from engine.io.validation import CASE_CHECKS, COHORT_CHECKS, Problem, discover_cases, validate_cohort  # noqa: E402
 
 CASE = "Case_P001"
 
