@@ -1,7 +1,7 @@
 """The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
 sequential loop on a real S3 endpoint (moto), with each actor pool placed on the node it asks for;
 and exactly once, every candidate equal to the sequential loop's, through a killed diffusion actor
-(a local folder, memory:// and S3), a killed worker node (S3), a stalled pipeline (local) and a
+(a local folder, memory:// and S3), a killed worker node (the same three), a stalled pipeline (local) and a
 killed driver (S3; memory:// dies with its driver): a versioned bucket shows that no object of a
 shard that was complete is written again by the re-run. tests/test_cluster.py kills the driver of a
 job submitted to a two-node cluster writing to a local folder, and re-submits it."""
@@ -264,17 +264,19 @@ def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_c
     _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
 
 
-def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint):
+@pytest.mark.parametrize("kind", ["local", "memory", "s3"])
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind):
     """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete:
     Ray starts them again on the head, the run goes on without the node and every candidate is
     stored once. (The head's CPU is held until the kill, so that both actors start on the worker:
-    Ray's own placement puts either on either node.)"""
+    Ray's own placement puts either on either node.) A local folder and S3 are written by Ray tasks,
+    on either node; memory:// by the driver."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from tests.conftest import HEAD_IP, WORKER_IP
 
-    cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
+    cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
     earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
     hold = placement_group([{"CPU": 0.8, f"node:{HEAD_IP}": 0.01}])  # room on the head for a 0.2-CPU task only
     ray.get(hold.ready(), timeout=60)
