@@ -122,7 +122,8 @@ class SynthesisConfig:
         address: Ray cluster address (empty: ``RAY_ADDRESS`` or a local instance).
         stall_timeout_s: a Ray pipeline in which no shard completes for this long is stopped and
             started again on the shards still missing (Ray Data can wait forever after a lost node
-            or actor); 0 never. Raise it where one shard, or a node the autoscaler adds, takes longer.
+            or actor); 0 never. Each restart waits twice as long as the one before. Raise it where one
+            shard, or a node the autoscaler adds, takes longer.
         stall_restarts: how many such restarts before the run stops with an error (re-run to resume).
         progress_interval_s: every this many seconds a Ray run logs a progress line read from the
             store: shards and candidates complete (earlier runs' included), this run's candidates/s

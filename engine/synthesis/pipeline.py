@@ -16,7 +16,8 @@ all its arrays are stored. A re-run, after any crash, makes exactly the shards s
 re-run of a complete store makes nothing. A retried task (a killed actor or node) rewrites its own
 shard whole. A store written under another plan, config or checkpoint is refused, not mixed. A
 pipeline in which no shard completes for ``synthesis.stall_timeout_s`` (Ray Data can wait forever
-after a lost node or a hung actor) is stopped and started again on the shards still missing. Every
+after a lost node or a hung actor) is stopped and started again on the shards still missing, with
+twice the time for a shard at each restart. Every
 ``synthesis.progress_interval_s`` the driver logs the shards complete, the rate and the time left.
 """
 
@@ -350,10 +351,10 @@ class SynthesisJob:
         check_pools_fit(self.syn)
         syn = self.syn
         progress = _Progress(self.layout.shard_sizes(), ~np.isin(np.arange(self.layout.shards), todo))
+        timeout_s = syn.stall_timeout_s
         for restart in range(syn.stall_restarts + 1):
             try:
-                with _watch_shards(self.url, syn.storage_options, syn.stall_timeout_s, progress,
-                                   syn.progress_interval_s, log):
+                with _watch_shards(self.url, syn.storage_options, timeout_s, progress, syn.progress_interval_s, log):
                     self._run_ray_once(todo, log)
                 return
             except _Stalled:
@@ -363,12 +364,15 @@ class SynthesisJob:
                     return
                 if restart == syn.stall_restarts:
                     raise SynthesisIncomplete(
-                        f"{self.url}: the Ray pipeline stalled {restart + 1} time(s), no shard completing for "
-                        f"{syn.stall_timeout_s:g} s; {len(todo)} shard(s) missing. The complete ones are kept: "
+                        f"{self.url}: the Ray pipeline stalled {restart + 1} time(s), the last with no shard "
+                        f"completing for {timeout_s:g} s; {len(todo)} shard(s) missing. The complete ones are kept: "
                         "re-run to make the rest (raise synthesis.stall_timeout_s if a shard takes longer)") from None
-                log(f"synthesis: no shard completed for {syn.stall_timeout_s:g} s: the Ray pipeline stalled; "
+                # A restart waits twice as long: where the first window was too short for the actors'
+                # start-up (a node the autoscaler adds, a slow model load), the next one is not.
+                timeout_s *= 2
+                log(f"synthesis: no shard completed for {timeout_s / 2:g} s: the Ray pipeline stalled; "
                     f"starting it again on the {len(todo)} shard(s) missing (restart {restart + 1} of "
-                    f"{syn.stall_restarts})")
+                    f"{syn.stall_restarts}, waiting up to {timeout_s:g} s for a shard)")
 
     def _run_ray_once(self, todo: list[int], log: Callable[[str], None]) -> None:
         from engine.synthesis.actors import unpack_store_rows
