@@ -1,10 +1,10 @@
-"""The streaming synthesis pipeline on the session's real two-node Ray cluster: the same store as the
-sequential loop on a real S3 endpoint (moto), with each actor pool placed on the node it asks for;
-and exactly once, every candidate equal to the sequential loop's, through a killed diffusion actor
-(a local folder, memory:// and S3), a killed worker node (the same three), a stalled pipeline (local) and a
-killed driver (S3; memory:// dies with its driver): a versioned bucket shows that no object of a
-shard that was complete is written again by the re-run. tests/test_cluster.py kills the driver of a
-job submitted to a two-node cluster writing to a local folder, and re-submits it."""
+"""The streaming synthesis pipeline on the session's real two-node Ray cluster: exactly once, every
+candidate equal to the sequential loop's, through a killed diffusion actor (with each actor pool
+placed on the node it asks for) and a killed worker node (each with a local folder, memory:// and a
+real S3 endpoint: moto), a stalled pipeline (local) and a killed driver (S3; memory:// dies with its
+driver): a versioned bucket shows that no object of a shard that was complete is written again by
+the re-run. tests/test_cluster.py kills the driver of a job submitted to a two-node cluster writing
+to a local folder, and re-submits it."""
 
 import contextlib
 import os
@@ -72,56 +72,6 @@ def _same_store(url: str, reference, storage_options=None) -> None:
         assert np.array_equal(group[name][:], reference[name][:]), name
     np.testing.assert_allclose(group["image"][:], reference["image"][:], atol=1e-5)
     np.testing.assert_allclose(group["dice"][:], reference["dice"][:], atol=1e-6)
-
-
-def test_ray_pipeline_on_s3_equals_the_sequential_loop_with_each_pool_on_its_node(
-        ray_cluster, base, tmp_path, s3_endpoint, reference, capsys):
-    """The pipeline's store on S3 equals the sequential loop's, value for value; ``synthesis.*.resources``
-    placed each pool (by Ray's per-node resource: the diffusion actors on the head, the filter actor
-    on the worker node, where Ray's own placement puts neither on this cluster)."""
-    from tests.conftest import HEAD_IP, WORKER_IP
-
-    make_bucket(s3_endpoint, "synth")
-    url = "s3://synth/run/synthetic.zarr"
-    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=12", "synthesis.threshold=-1.0", f"synthesis.store={url}",
-                                       f"synthesis.storage_options={{endpoint_url: '{s3_endpoint}'}}",
-                                       "synthesis.progress_interval_s=0.5",
-                                       f"synthesis.diffusion.resources={{'node:{HEAD_IP}': 0.01}}",
-                                       f"synthesis.filter.resources={{'node:{WORKER_IP}': 0.01}}"])
-    earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
-    seen: dict[str, set[str]] = {"DiffusionActor": set(), "FilterActor": set()}
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(0.2):
-            for role, nodes in seen.items():
-                nodes.update(_node_of(pid) for pid in _pids(role) if pid not in earlier)
-            for nodes in seen.values():
-                nodes.discard("")  # a process that ended while looked at
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    lines: list[str] = []
-    try:
-        summary = synthesize(cfg, log=lines.append)
-    finally:
-        stop.set()
-        thread.join(5)
-    assert seen == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
-    assert summary["written"] == 12 and summary["kept"] == 12 and summary["candidates_per_s"] > 0
-    progress = [line for line in lines if " shards complete (" in line]  # read from the bucket while it ran
-    assert progress and all(re.match(r"synthesis: \d of 3 shards complete \(\d+ of 12 candidates", p) for p in progress)
-    options = {"endpoint_url": s3_endpoint}
-    _same_store(url, reference, options)
-    assert check_store(url, options)[1] == []
-    from engine.cli import main
-
-    capsys.readouterr()
-    assert main(["check-store", url, "--storage-option", f"endpoint_url={s3_endpoint}"]) == 0
-    assert '"problems": 0' in capsys.readouterr().out
-    rows = read_store_dataset(url, storage_options=options).take_all()
-    assert sorted(r["sample_id"] for r in rows) == sorted(str(s) for s in reference["sample_id"][:])
-    assert rows[0]["image"].shape == (1, 64, 64)
 
 
 def test_a_resource_nobody_has_is_refused_before_anything_is_made(ray_cluster, base, tmp_path):
@@ -249,19 +199,61 @@ def _kill_when_busy(text: str, after_s: float, earlier: set[int], timeout: float
     return seen
 
 
+def _watch_nodes(roles: tuple[str, ...]) -> dict:
+    """In a thread, until ``seen["stop"]`` is set: the nodes (IPs) on which new processes of each role
+    (not those running now) ran."""
+    earlier = {pid for role in roles for pid in _pids(role)}
+    seen: dict = {"nodes": {role: set() for role in roles}, "stop": threading.Event()}
+
+    def watch():
+        while not seen["stop"].wait(0.2):
+            for role, nodes in seen["nodes"].items():
+                nodes.update(_node_of(pid) for pid in _pids(role) if pid not in earlier)
+                nodes.discard("")  # a process that ended while looked at
+
+    seen["thread"] = threading.Thread(target=watch, daemon=True)
+    seen["thread"].start()
+    return seen
+
+
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
-def test_killed_diffusion_actor_is_replaced_and_every_candidate_lands_once(ray_cluster, base, slow_reference, tmp_path,
-                                                                           s3_endpoint, kind):
+def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_lands_once(
+        ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind, capsys):
     """A diffusion actor killed while it generates, a second into its work (10 shards), is replaced;
     the shards it held are made again and every candidate is stored once, as the sequential loop
-    makes it."""
+    makes it. ``synthesis.*.resources`` place each pool, the replacement too (by Ray's per-node
+    resource: the diffusion actors on the head, the filter actor on the worker node, where Ray's own
+    placement puts neither on this cluster). The progress lines are read from the store while it
+    runs; `lgesynth check-store` passes; the store reads back as a Ray Dataset."""
+    from engine.cli import main
+    from tests.conftest import HEAD_IP, WORKER_IP
+
     cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
-    seen = _kill_when_busy("DiffusionActor", 1.0, earlier=set(_pids("DiffusionActor")))
-    summary = synthesize(cfg, log=QUIET)
-    seen["thread"].join(5)
-    assert seen.get("result"), f"no diffusion actor was killed (seen at work: {seen.get('busy_seen')})"
-    assert summary["written"] == 20 and summary["shards_complete"] == 10
-    _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
+    cfg.synthesis.progress_interval_s = 0.5
+    cfg.synthesis.diffusion.resources = {f"node:{HEAD_IP}": 0.01}
+    cfg.synthesis.filter.resources = {f"node:{WORKER_IP}": 0.01}
+    placed = _watch_nodes(("DiffusionActor", "FilterActor"))
+    killed = _kill_when_busy("DiffusionActor", 1.0, earlier=set(_pids("DiffusionActor")))
+    lines: list[str] = []
+    try:
+        summary = synthesize(cfg, log=lines.append)
+    finally:
+        placed["stop"].set()
+        placed["thread"].join(5)
+        killed["thread"].join(5)
+    assert killed.get("result"), f"no diffusion actor was killed (seen at work: {killed.get('busy_seen')})"
+    assert placed["nodes"] == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
+    assert summary["written"] == 20 and summary["shards_complete"] == 10 and summary["candidates_per_s"] > 0
+    progress = [line for line in lines if " shards complete (" in line]
+    assert progress and all(re.match(r"synthesis: \d+ of 10 shards complete \(\d+ of 20 candidates", p) for p in progress)
+    reference = slow_reference(cfg.synthesis.num_inference_steps)
+    _exactly_once(url, reference, options)
+    capsys.readouterr()
+    assert main(["check-store", url, *[f"--storage-option=endpoint_url={v}" for v in (options or {}).values()]]) == 0
+    assert '"problems": 0' in capsys.readouterr().out
+    rows = read_store_dataset(url, storage_options=options).take_all()
+    assert sorted(r["sample_id"] for r in rows) == sorted(str(s) for s in reference["sample_id"][:])
+    assert rows[0]["image"].shape == (1, 64, 64)
 
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
@@ -460,6 +452,14 @@ def test_a_read_call_without_kept_samples_leaves_the_columns_typed(ray_cluster, 
     types = dict(zip(schema.names, schema.types, strict=True))
     assert types["image"].extension_name == "ray.data.arrow_tensor_v2", schema
     assert types["image"].shape == (1, 64, 64) and str(types["caption"]) == "string", schema
+    # the same store in memory://, which only this process sees: read here, the same rows and types
+    import fsspec
+
+    in_memory = f"memory://read-call-{tmp_path.name}/copy.zarr"
+    fsspec.filesystem("memory").put(url, in_memory, recursive=True)
+    copied = read_store_dataset(in_memory).materialize()
+    assert dict(zip(copied.schema().names, copied.schema().types, strict=True)) == types
+    assert sorted(r["sample_id"] for r in copied.take_all()) == sorted(r["sample_id"] for r in dataset.take_all())
     batch = next(iter(dataset.select_columns(["image", "dice"]).iter_torch_batches(batch_size=8)))
     assert batch["image"].shape == (8, 1, 64, 64)
     from engine.synthesis.store import SyntheticDataset

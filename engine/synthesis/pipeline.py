@@ -49,6 +49,7 @@ from engine.synthesis.store import (
     create_store,
     open_store,
     read_arrays,
+    shared_filesystem,
     store_attrs,
     store_exists,
     update_attrs,
@@ -66,11 +67,6 @@ def _engine_version() -> str:
         return version("lgesynth")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _shared_filesystem(url: str) -> bool:
-    """Whether Ray workers in other processes see what is written at ``url`` (``memory://`` is per process)."""
-    return not str(url).startswith("memory://")
 
 
 def checkpoint_hashes(folders: dict[str, Path]) -> dict[str, str]:
@@ -379,7 +375,7 @@ class SynthesisJob:
         from engine.synthesis.sink import ZarrShardDatasink
 
         ds = self.dataset(todo)
-        if _shared_filesystem(self.url):
+        if shared_filesystem(self.url):
             ds.write_datasink(ZarrShardDatasink(self.url, self.syn.storage_options),
                               ray_remote_args={"num_cpus": self.syn.prepare_cpus})
             return

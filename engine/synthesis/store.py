@@ -1081,13 +1081,27 @@ def _read_shards_batch(batch: dict[str, np.ndarray], url: str, storage_options: 
     }
 
 
+def shared_filesystem(url: str) -> bool:
+    """Whether Ray workers in other processes see what is written at ``url`` (``memory://`` is per process)."""
+    return not str(url).startswith("memory://")
+
+
 def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
     """The store as a Ray Dataset, one row per sample (columns as :class:`SyntheticDataset`), read
-    in parallel tasks, :data:`SHARDS_PER_READ_TASK` shards a call; only passed samples by default."""
+    in parallel tasks, :data:`SHARDS_PER_READ_TASK` shards a call; only passed samples by default.
+    A ``memory://`` store, which only this process sees, is read here and handed to Ray as blocks."""
     import ray
 
     group = open_store(url, "r", storage_options)
     layout = StoreLayout.of_group(group)
+    if not shared_filesystem(url):
+        from ray.data.block import BlockAccessor
+
+        blocks = [BlockAccessor.batch_to_block(batch)
+                  for start in range(0, layout.shards, SHARDS_PER_READ_TASK)
+                  for batch in _read_shards_batch({"shard": np.arange(start, min(start + SHARDS_PER_READ_TASK, layout.shards))},
+                                                  url, storage_options, passed_only, layout)]
+        return ray.data.from_arrow(blocks) if blocks else ray.data.from_items([])
     shards = ray.data.from_items([{"shard": i} for i in range(layout.shards)],
                                  override_num_blocks=max(1, min(layout.shards, 200)))
     return shards.map_batches(_read_shards_batch, batch_size=SHARDS_PER_READ_TASK,
