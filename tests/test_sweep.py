@@ -344,8 +344,8 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
     slow = ["downstream.loop.epochs=100", "downstream.loop.max_steps=12"]  # still training at the interrupt
     cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, *slow, "sweep.methods=[paste]",
-                                      "sweep.n_synthetic=[0,2]", "sweep.thresholds=[-1.0]", "sweep.seeds=[0]",
-                                      "sweep.name=interrupted"])
+                                      "sweep.n_synthetic=[2]", "sweep.thresholds=[-1.0]", "sweep.seeds=[0]",
+                                      "sweep.name=interrupted"])  # one trial: its Train run is what matters
     dump_config(cfg, run_dir / "sweep.yaml")
     out = run_dir / "sweeps" / "interrupted"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -365,9 +365,8 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     assert "lgesynth sweep: interrupted: the finished trials are kept; the same command resumes the sweep" in err
     assert not (out / "sweep.json").exists() and not (out / "results.md").exists()
     again = sweep(cfg, log=lambda _: None)  # the trials of the killed driver die with it
-    assert again["restored"] and again["errors"] == [] and 1 <= again["trials_run"] <= 2
-    assert [(r["method"], r["threshold"], r["n_synthetic"]) for r in again["rows"]] == [
-        (REAL, None, 0), ("paste", -1.0, 2)]
+    assert again["restored"] and again["errors"] == [] and again["trials_run"] == 1
+    assert [(r["method"], r["threshold"], r["n_synthetic"]) for r in again["rows"]] == [("paste", -1.0, 2)]
     assert (out / "sweep.json").is_file()
 
 
