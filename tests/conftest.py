@@ -206,3 +206,15 @@ def make_bucket(endpoint: str, name: str) -> None:
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+
+
+def files_holding(token: bytes, *roots: Path) -> list[str]:
+    """The files under ``roots`` (folders or files) whose bytes hold ``token``: a planted secret must
+    reach none."""
+    hits = []
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink() and token in path.read_bytes():
+                    hits.append(str(path))
+    return hits

@@ -265,10 +265,19 @@ def _tiny_paste_run(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunning(ray_cluster, tmp_path_factory):
+def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunning(ray_cluster, tmp_path_factory,
+                                                                                  monkeypatch):
+    """Three trials (the real-only baseline, two thresholds), their results and Tune's own logs; the
+    same call restores them and trains nothing. A credential in the driver's environment reaches no
+    file: Ray Tune copies the driver's AWS_* variables into every trial's runtime_env, which Ray's
+    runtime-env agent logs in plain text (engine.evaluation.sweep hides them while trials start)."""
+    import os
+    import secrets
+
     import zarr
 
     from engine.evaluation.sweep import sweep
+    from tests.conftest import files_holding
     from tests.synth_helpers import tiny_config
 
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
@@ -281,8 +290,12 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
                                       "sweep.methods=[paste]", "sweep.n_synthetic=[0,4]",
                                       f"sweep.thresholds=[-1.0,{strict!r}]", "sweep.seeds=[0]", "sweep.name=tiny"])
     log: list[str] = []
+    secret = secrets.token_hex(24)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     result = sweep(cfg, log=log.append)
 
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the driver's own again
+    assert files_holding(secret.encode(), run_dir, Path(ray_cluster["temp_dir"])) == []
     assert result["errors"] == [] and not result["restored"] and result["trials_run"] == 3
     assert [(r["method"], r["threshold"], r["n_synthetic"]) for r in result["rows"]] == [
         (REAL, None, 0), ("paste", -1.0, 4), ("paste", strict, 4)]
