@@ -7,6 +7,7 @@ the re-run. tests/test_cluster.py kills the driver of a job submitted to a two-n
 to a local folder, and re-submits it."""
 
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -81,6 +82,19 @@ def test_a_resource_nobody_has_is_refused_before_anything_is_made(ray_cluster, b
                                          r"\(no node offers it\)"):
         synthesize(missing, log=QUIET)
     assert not completed_shards(open_store(missing.synthesis.store_url(missing.run_dir))).any()  # nothing made
+
+
+def _holding_cpu() -> str:
+    """The session cluster's CPU free per node and its live actors (the state API needs the dashboard,
+    which the session cluster runs without: the GCS's tables)."""
+    import ray
+    from ray._private import state
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    free = {ips.get(node, node[:8]): r.get("CPU", 0.0) for node, r in state.available_resources_per_node().items()}
+    actors = [f"{a['ActorClassName']} {a['State']} on {ips.get(a['Address'].get('NodeID'), '?')} (pid {a['Pid']})"
+              for a in state.actors().values() if a["State"] != "DEAD"]
+    return f"CPU free {free}; live actors {actors}"
 
 
 def _pids(text: str) -> list[int]:
@@ -270,8 +284,16 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_ref
 
     cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
     earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
+    # An earlier pipeline's actors are released by reference counting: a handle left in a reference
+    # cycle keeps an actor, and its CPU, until the cycle collector runs (once in CI, the head's CPU
+    # stayed taken for 60 s after the test before).
+    gc.collect()
     hold = placement_group([{"CPU": 0.8, f"node:{HEAD_IP}": 0.01}])  # room on the head for a 0.2-CPU task only
-    ray.get(hold.ready(), timeout=60)
+    try:
+        ray.get(hold.ready(), timeout=90)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(hold)
+        raise AssertionError(f"the head's CPU was not free within 90 s: {_holding_cpu()}") from None
     released = threading.Event()
 
     def release():
