@@ -7,7 +7,6 @@ the re-run. tests/test_cluster.py kills the driver of a job submitted to a two-n
 to a local folder, and re-submits it."""
 
 import contextlib
-import gc
 import os
 import re
 import signal
@@ -82,19 +81,6 @@ def test_a_resource_nobody_has_is_refused_before_anything_is_made(ray_cluster, b
                                          r"\(no node offers it\)"):
         synthesize(missing, log=QUIET)
     assert not completed_shards(open_store(missing.synthesis.store_url(missing.run_dir))).any()  # nothing made
-
-
-def _holding_cpu() -> str:
-    """The session cluster's CPU free per node and its live actors (the state API needs the dashboard,
-    which the session cluster runs without: the GCS's tables)."""
-    import ray
-    from ray._private import state
-
-    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    free = {ips.get(node, node[:8]): r.get("CPU", 0.0) for node, r in state.available_resources_per_node().items()}
-    actors = [f"{a['ActorClassName']} {a['State']} on {ips.get(a['Address'].get('NodeID'), '?')} (pid {a['Pid']})"
-              for a in state.actors().values() if a["State"] != "DEAD"]
-    return f"CPU free {free}; live actors {actors}"
 
 
 def _pids(text: str) -> list[int]:
@@ -272,47 +258,34 @@ def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_land
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
 def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind):
-    """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete:
-    Ray starts them again on the head, the run goes on without the node and every candidate is
-    stored once. (The head's CPU is held until the kill, so that both actors start on the worker:
-    Ray's own placement puts either on either node.) A local folder and S3 are written by Ray tasks,
-    on either node; memory:// by the driver."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from tests.conftest import HEAD_IP, WORKER_IP
+    """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete,
+    and a new node takes its place (as KubeRay replaces a lost pod): Ray starts the actors again on
+    it and every candidate is stored once. ``synthesis.*.resources`` place both pools on the worker
+    node, by Ray's per-node resource, which the new node offers again (until it joins, the actors'
+    restarts wait for it). A local folder and S3 are written by Ray tasks, on either node; memory://
+    by the driver."""
+    from tests.conftest import WORKER_IP
 
     cfg, url, options = _failure_config(kind, base, tmp_path, s3_endpoint)
+    cfg.synthesis.diffusion.resources = cfg.synthesis.filter.resources = {f"node:{WORKER_IP}": 0.01}
     earlier = set(_pids("DiffusionActor")) | set(_pids("FilterActor"))
-    # An earlier pipeline's actors are released by reference counting: a handle left in a reference
-    # cycle keeps an actor, and its CPU, until the cycle collector runs (once in CI, the head's CPU
-    # stayed taken for 60 s after the test before).
-    gc.collect()
-    hold = placement_group([{"CPU": 0.8, f"node:{HEAD_IP}": 0.01}])  # room on the head for a 0.2-CPU task only
-    try:
-        ray.get(hold.ready(), timeout=90)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(hold)
-        raise AssertionError(f"the head's CPU was not free within 90 s: {_holding_cpu()}") from None
-    released = threading.Event()
+    placed = _watch_nodes(("DiffusionActor", "FilterActor"))
+    node = {"killed": False, "replaced": False}
 
-    def release():
-        if not released.is_set():
-            released.set()
-            remove_placement_group(hold)
-
-    def kill_the_worker_node():
+    def kill_and_replace_the_worker_node():
         held = {role: sorted({_node_of(pid) for pid in _pids(role) if pid not in earlier} - {""})
                 for role in ("DiffusionActor", "FilterActor")}
-        release()
+        node["killed"] = True
         ray_cluster["kill_worker"]()
+        ray_cluster["start_worker"]()
+        node["replaced"] = True
         return held
 
-    seen = _when_shards_complete(url, 2, kill_the_worker_node, storage_options=options)
+    seen = _when_shards_complete(url, 2, kill_and_replace_the_worker_node, storage_options=options)
     try:
         summary = synthesize(cfg, log=QUIET)
         seen["thread"].join(5)
-        assert seen.get("result"), "the worker node was not killed"
+        assert seen.get("result"), "the worker node was not killed and replaced"
         assert seen["complete_at_action"] < seen["total"], "the run ended before the node was killed"
         # the actors still at work when the node died were on it (the diffusion actor may have made
         # every shard already: a filter actor slower to start than it lags behind)
@@ -321,9 +294,13 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_ref
         assert summary["written"] == 20 and summary["shards_complete"] == 10
         _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
     finally:
+        placed["stop"].set()
+        placed["thread"].join(5)
         seen["thread"].join(60)
-        release()
-        ray_cluster["start_worker"]()
+        if node["killed"] and not node["replaced"]:  # the next tests need the worker node
+            ray_cluster["start_worker"]()
+    # every actor of the run, the restarted ones too, ran on the worker's IP
+    assert placed["nodes"] == {"DiffusionActor": {WORKER_IP}, "FilterActor": {WORKER_IP}}, placed["nodes"]
 
 
 def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, slow_reference, tmp_path,
