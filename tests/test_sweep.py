@@ -354,6 +354,9 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     from engine.evaluation.sweep import sweep
     from tests.synth_helpers import tiny_config
 
+    from tests.conftest import cluster_holders, cpu_held
+
+    held_before = cpu_held()
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
     slow = ["downstream.loop.epochs=100", "downstream.loop.max_steps=12"]  # still training at the interrupt
     cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, *slow, "sweep.methods=[paste]",
@@ -381,6 +384,12 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     assert again["restored"] and again["errors"] == [] and again["trials_run"] == 1
     assert [(r["method"], r["threshold"], r["n_synthetic"]) for r in again["rows"]] == [("paste", -1.0, 2)]
     assert (out / "sweep.json").is_file()
+    # The killed trial's Train controller often restarts its worker group as it dies: Ray keeps that
+    # placement group (0.5 CPU) for good, unless the engine's next run on the cluster releases it
+    deadline = time.monotonic() + 15
+    while any(cpu > held_before.get(node, 0.0) + 1e-6 for node, cpu in cpu_held().items()):
+        assert time.monotonic() < deadline, f"the cluster's CPU stays held: {cluster_holders()}"
+        time.sleep(0.25)
 
 
 def test_settings_that_train_the_same_model_are_one_trial_and_report_on_each_setting():

@@ -398,10 +398,10 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
     cfg.synthesis.num_inference_steps = 4
     config = tmp_path / "run.yaml"
     dump_config(cfg, config)
-    # The killed driver's Ray Data resource request lapses 15 s after its last renewal (every 10 s)
-    # instead of the engine's 30 s: the re-run starts with the cluster's CPUs sooner.
+    # The killed driver's Ray Data resource request (which keeps the cluster's CPUs from the re-run)
+    # lapses 6 s after its last renewal, renewed every 2 s, instead of 30 s after one every 10 s
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1]),
-           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15"}
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "6", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
     driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     seen = _when_shards_complete(url, 2, lambda: os.killpg(driver.pid, signal.SIGKILL) or True,

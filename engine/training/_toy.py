@@ -120,3 +120,14 @@ def toy_train_fn(config: dict[str, Any]) -> dict[str, Any]:
             report(metrics, models=models, optimizers=optimizers, state=state, config={"model": "toy", "seed": seed}, checkpoint=at_checkpoint)
             last_report, steps_since_report, loss_sum = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
     return {"step": step, "start_steps": start_steps}
+
+
+class PlacementGroupMaker:
+    """A Ray actor class (``ray.remote(num_cpus=0)(PlacementGroupMaker)``) that makes placement groups:
+    groups whose creator is an actor, for the tests of
+    :func:`engine.training.distributed.release_orphaned_placement_groups`."""
+
+    def make(self, bundle: dict[str, float]):
+        import ray
+
+        return ray.util.placement_group([bundle])

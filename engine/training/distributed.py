@@ -288,14 +288,76 @@ def connect(address: str = "") -> None:
     non-loopback address unless the user asks for it)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
+    release_orphaned_placement_groups()
+
+
+def orphaned_placement_groups(groups: list[dict], actor_state: Callable[[str], str | None]) -> list[dict]:
+    """The placement groups of ``groups`` that Ray keeps but nothing can use: not removed, not
+    detached, their creator job ended and their creator actor dead (``actor_state(actor_id)``:
+    "DEAD", another state, or None for an actor the GCS no longer knows). A group created by a
+    driver itself (no creator actor) is left to Ray, which removes it with its job.
+
+    Each group is a dict with the GCS's fields ``placement_group_id`` (hex), ``state``,
+    ``is_detached``, ``creator_job_dead`` and ``creator_actor_id`` (hex).
+    """
+    orphans = []
+    for group in groups:
+        creator = group["creator_actor_id"]
+        if (group["state"] == "REMOVED" or group["is_detached"] or not group["creator_job_dead"]
+                or not creator.strip("f")):  # nil actor id: the driver made it
+            continue
+        if actor_state(creator) in (None, "DEAD"):
+            orphans.append(group)
+    return orphans
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups Ray should have removed (:func:`orphaned_placement_groups`) and
+    return their ids (hex).
+
+    A Ray Train controller can create its worker group's placement group as it dies: a sweep
+    stopped with Ctrl-C kills its trials, the trial's workers die first, the controller restarts its
+    worker group and is killed. Ray (2.60) registers that group after the actor's death and keeps it,
+    with its CPUs or GPUs, for the cluster's life; Ray Train's own PlacementGroupCleaner does not
+    know it (and without the dashboard cannot tell that the controller died). The next run of the
+    engine on the cluster releases it. The GCS's own tables are read (the state API would need the
+    dashboard); on a Ray whose tables differ, nothing is removed and a warning says why.
+    """
+    import ray
+
+    try:
+        from ray._private import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        accessor = state.state._connect_and_get_accessor()
+        records = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
+        groups = [{"placement_group_id": r.placement_group_id.hex(),
+                   "state": gcs_pb2.PlacementGroupTableData.PlacementGroupState.Name(r.state),
+                   "is_detached": r.is_detached, "creator_job_dead": r.creator_job_dead,
+                   "creator_actor_id": r.creator_actor_id.hex(),
+                   "bundles": [dict(b.unit_resources) for b in r.bundles]} for r in records]
+
+        def actor_state(actor_id: str) -> str | None:
+            return state.state.actor_table(actor_id).get("State") or None
+
+        orphans = orphaned_placement_groups(groups, actor_state)
+        for group in orphans:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group["placement_group_id"]))))
+    except Exception as err:  # noqa: BLE001 - a cleanup of Ray's leftovers must never stop a run
+        logger.warning("could not look for placement groups left by dead Ray actors: %s: %s", type(err).__name__, err)
+        return []
+    for group in orphans:
+        logger.warning("released placement group %s %s: its creator job ended and its creator actor %s is dead",
+                       group["placement_group_id"], group["bundles"], group["creator_actor_id"])
+    return [group["placement_group_id"] for group in orphans]
 
 
 def check_cluster_resources(cfg: RayTrainConfig) -> None:
