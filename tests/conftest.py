@@ -258,8 +258,8 @@ def cpu_held() -> dict[str, float]:
 def _cluster_cpu_released(request):
     """After each test on the session cluster: a warning, naming what the cluster holds, when the
     test left more CPU held than it found, 5 s after it ended. CPU a test leaves held fails a later
-    test that needs a whole node, far from its cause (once in CI, 0.5 of the head's CPU stayed held
-    for minutes, by no live actor)."""
+    test that needs a whole node, far from its cause (once in CI, the lost-worker-node tests could not
+    start: the Ctrl-C sweep test, long before, had left a placement group of 0.5 CPU on the head)."""
     if "ray_cluster" not in request.fixturenames:
         yield
         return
