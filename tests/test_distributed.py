@@ -104,6 +104,24 @@ def test_only_groups_whose_creator_job_and_actor_are_both_gone_are_orphans():
     assert [g["placement_group_id"] for g in found] == ["orphan", "creator unknown to the GCS", "pending"]
 
 
+def test_a_ray_whose_tables_cannot_be_read_removes_nothing_and_says_so_once(monkeypatch, caplog):
+    import logging
+
+    from ray._private import state
+
+    import engine.training.distributed as distributed
+
+    def unreadable():
+        raise RuntimeError("the GCS tables differ")
+
+    monkeypatch.setattr(state.state, "_connect_and_get_accessor", unreadable)
+    monkeypatch.setattr(distributed, "_ORPHAN_LOOKUP_FAILED", [])
+    with caplog.at_level(logging.WARNING, logger="engine.training.distributed"):
+        assert release_orphaned_placement_groups() == [] and release_orphaned_placement_groups() == []
+    said = [r.getMessage() for r in caplog.records if "placement groups left by dead Ray actors" in r.getMessage()]
+    assert said == ["could not look for placement groups left by dead Ray actors: RuntimeError: the GCS tables differ"]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(60)
 def test_release_leaves_the_groups_of_live_drivers_and_actors_and_removes_what_it_selects(ray_cluster, monkeypatch):

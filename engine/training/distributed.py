@@ -285,7 +285,8 @@ IDLE_WORKER_KEEP_MS = 60_000
 def connect(address: str = "") -> None:
     """Connect this process to Ray: the given address, else ``RAY_ADDRESS`` (set for ``ray job submit``
     jobs), else a new single-node local instance bound to loopback only (nothing listens on a
-    non-loopback address unless the user asks for it)."""
+    non-loopback address unless the user asks for it). Then releases the placement groups that dead Ray
+    actors left behind (:func:`release_orphaned_placement_groups`)."""
     import ray
 
     if not ray.is_initialized():
@@ -316,6 +317,9 @@ def orphaned_placement_groups(groups: list[dict], actor_state: Callable[[str], s
         if actor_state(creator) in (None, "DEAD"):
             orphans.append(group)
     return orphans
+
+
+_ORPHAN_LOOKUP_FAILED: list[Exception] = []
 
 
 def release_orphaned_placement_groups() -> list[str]:
@@ -352,7 +356,10 @@ def release_orphaned_placement_groups() -> list[str]:
         for group in orphans:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group["placement_group_id"]))))
     except Exception as err:  # noqa: BLE001 - a cleanup of Ray's leftovers must never stop a run
-        logger.warning("could not look for placement groups left by dead Ray actors: %s: %s", type(err).__name__, err)
+        if not _ORPHAN_LOOKUP_FAILED:  # said once a process: connect() calls this each time
+            _ORPHAN_LOOKUP_FAILED.append(err)
+            logger.warning("could not look for placement groups left by dead Ray actors: %s: %s",
+                           type(err).__name__, err)
         return []
     for group in orphans:
         logger.warning("released placement group %s %s: its creator job ended and its creator actor %s is dead",
