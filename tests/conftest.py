@@ -254,6 +254,17 @@ def cpu_held() -> dict[str, float]:
     return {node: r.get("CPU", 0.0) - free.get(node, {}).get("CPU", 0.0) for node, r in total.items()}
 
 
+def cpu_released(before: dict[str, float], timeout: float) -> bool:
+    """Whether, within ``timeout`` s, no node of the session cluster holds more CPU than ``before``
+    (:func:`cpu_held` at an earlier time)."""
+    deadline = time.monotonic() + timeout
+    while any(cpu > before.get(node, 0.0) + 1e-6 for node, cpu in cpu_held().items()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 @pytest.fixture(autouse=True)
 def _cluster_cpu_released(request):
     """After each test on the session cluster: a warning, naming what the cluster holds, when the
@@ -270,12 +281,7 @@ def _cluster_cpu_released(request):
     yield
     if not ray.is_initialized():
         return
-    deadline = time.monotonic() + 5.0
-    while any(cpu > before.get(node, 0.0) + 1e-6 for node, cpu in cpu_held().items()):
-        if time.monotonic() > deadline:
-            import warnings
+    if not cpu_released(before, 5.0):
+        import warnings
 
-            warnings.warn(f"{request.node.nodeid} left CPU held 5 s after it ended: {cluster_holders()}",
-                          stacklevel=1)
-            return
-        time.sleep(0.25)
+        warnings.warn(f"{request.node.nodeid} left CPU held 5 s after it ended: {cluster_holders()}", stacklevel=1)

@@ -354,7 +354,7 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     from engine.evaluation.sweep import sweep
     from tests.synth_helpers import tiny_config
 
-    from tests.conftest import cluster_holders, cpu_held
+    from tests.conftest import cluster_holders, cpu_held, cpu_released
 
     held_before = cpu_held()
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
@@ -386,10 +386,7 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     assert (out / "sweep.json").is_file()
     # The killed trial's Train controller often restarts its worker group as it dies: Ray keeps that
     # placement group (0.5 CPU) for good, unless the engine's next run on the cluster releases it
-    deadline = time.monotonic() + 15
-    while any(cpu > held_before.get(node, 0.0) + 1e-6 for node, cpu in cpu_held().items()):
-        assert time.monotonic() < deadline, f"the cluster's CPU stays held: {cluster_holders()}"
-        time.sleep(0.25)
+    assert cpu_released(held_before, 15.0), f"the cluster's CPU stays held: {cluster_holders()}"
 
 
 def test_settings_that_train_the_same_model_are_one_trial_and_report_on_each_setting():

@@ -353,18 +353,24 @@ def release_orphaned_placement_groups() -> list[str]:
             return state.state.actor_table(actor_id).get("State") or None
 
         orphans = orphaned_placement_groups(groups, actor_state)
-        for group in orphans:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group["placement_group_id"]))))
     except Exception as err:  # noqa: BLE001 - a cleanup of Ray's leftovers must never stop a run
         if not _ORPHAN_LOOKUP_FAILED:  # said once a process: connect() calls this each time
             _ORPHAN_LOOKUP_FAILED.append(err)
             logger.warning("could not look for placement groups left by dead Ray actors: %s: %s",
                            type(err).__name__, err)
         return []
+    released = []
     for group in orphans:
+        pg_id = group["placement_group_id"]
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+        except Exception as err:  # noqa: BLE001 - see above
+            logger.warning("could not release placement group %s: %s: %s", pg_id, type(err).__name__, err)
+            continue
         logger.warning("released placement group %s %s: its creator job ended and its creator actor %s is dead",
-                       group["placement_group_id"], group["bundles"], group["creator_actor_id"])
-    return [group["placement_group_id"] for group in orphans]
+                       pg_id, group["bundles"], group["creator_actor_id"])
+        released.append(pg_id)
+    return released
 
 
 def check_cluster_resources(cfg: RayTrainConfig) -> None:
