@@ -99,3 +99,26 @@ def test_split_config_is_validated(kwargs, phrase):
 def test_split_config_splits():
     patients = cohort(10, 5)
     assert SplitConfig(seed=4).split(patients) == split_patients(patients, seed=4)
+
+
+def test_synthetic_samples_of_held_out_patients_never_train_the_downstream_model(tmp_path, caplog):
+    """Samples made from a validation or test patient's slices are refused for training, whichever
+    of ``parts`` and the run's split file names that patient; the training patients' pass."""
+    import json
+
+    from engine.training.downstream import held_out_patients, refuse_held_out_sources
+
+    parts = {"train": SimpleNamespace(patient_id=["Case_P001", "Case_P001", "Case_N001"]),
+             "val": SimpleNamespace(patient_id=["Case_P002"])}  # the test patients dropped, as the sweep does
+    assert held_out_patients(tmp_path, parts) == {"Case_P002"}
+    (tmp_path / "splits.json").write_text(json.dumps({"splits": {
+        "train": ["Case_P001", "Case_N001"], "val": ["Case_P002"], "test": ["Case_P003", "Case_N002"]}}))
+    held = held_out_patients(tmp_path, parts)
+    assert held == {"Case_P002", "Case_P003", "Case_N002"}
+    refuse_held_out_sources(["Case_P001/3", "Case_N001/0", "Case_P001/4"], held, "s3://b/train.zarr")
+    with pytest.raises(ValueError, match=r"s3://b/v\.zarr: 2 of the 3 synthetic samples .* 2 validation or test "
+                                         r"patient\(s\) of this run \(Case_N002, Case_P002\)"):
+        refuse_held_out_sources(["Case_P002/1", "Case_P001/2", "Case_N002/0"], held, "s3://b/v.zarr")
+    with caplog.at_level("WARNING", logger="engine.training.downstream"):
+        refuse_held_out_sources(None, held, "own.zarr")  # a user's store without sources: said, not refused
+    assert "own.zarr: the synthetic samples do not record their source slice" in caplog.text

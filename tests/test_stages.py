@@ -169,6 +169,30 @@ def test_downstream_takes_any_store_with_image_label_passed_and_counts_what_it_n
         train_downstream(too_many)  # only the 4 passed samples are available; refused before Ray starts
 
 
+def test_downstream_refuses_synthetic_samples_made_from_validation_or_test_patients(trained_run):
+    """A store whose samples came from held-out patients' negatives (``synthesis.split=test``, or
+    another run's split) never trains the run's downstream model: refused before Ray starts."""
+    import zarr
+
+    from engine.training.downstream import train_downstream
+
+    cfg, base, _ = trained_run
+    splits = json.loads((Path(cfg.run_dir) / "splits.json").read_text())["splits"]
+    label = np.zeros((3, 64, 64), np.uint8)
+    label[:, 20:40, 20:40] = 2
+    source = [f"{splits['train'][0]}/0", f"{splits['test'][0]}/1", f"{splits['train'][0]}/2"]
+    group = zarr.open_group(str(base / "from-test.zarr"), mode="w")
+    group.create_array("image", data=np.zeros((3, 64, 64), np.float32))
+    group.create_array("label", data=label)
+    group.create_array("passed", data=np.ones(3, bool))
+    group.create_array("source", data=np.array(source, dtype=str))
+    leaky = stage_config(cfg.run_dir, [f"downstream.synthetic={base / 'from-test.zarr'}", "downstream.n_synthetic=3",
+                                       "downstream.name=downstream-leaky"])
+    with pytest.raises(ValueError, match=rf"1 of the 3 synthetic samples .*\({splits['test'][0]}\)"):
+        train_downstream(leaky)
+    assert not (Path(cfg.run_dir) / "downstream-leaky").exists()
+
+
 def test_downstream_opens_a_store_on_object_storage_with_the_runs_storage_options(trained_run, s3_endpoint):
     """``downstream.synthetic`` on an S3 endpoint of its own (MinIO, moto): opened with
     ``synthesis.storage_options``, as every store of the run (evaluate's method stores too)."""

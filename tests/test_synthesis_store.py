@@ -28,6 +28,9 @@ from engine.synthesis.store import (
     create_store,
     open_store,
     read_synthetic_arrays,
+    select_samples,
+    store_attrs,
+    synthetic_rows,
     write_shard,
 )
 from engine.training.prepare import prepare_arrays
@@ -275,6 +278,95 @@ def test_shard_writer_marks_a_shard_only_once_all_of_it_is_stored():
     assert not completed_shards(zarr.open_group(store=store, mode="r")).any()
 
 
+@pytest.mark.parametrize("where", ["local folder", "fsspec memory"])
+def test_create_store_refuses_a_path_holding_other_objects(tmp_path, where):
+    """A store URL pointing at a folder of other files (a run folder) is refused, its files left
+    whole; an empty or missing folder is fine, and an earlier store there is replaced."""
+    import fsspec
+
+    if where == "local folder":
+        run = str(tmp_path / "run")
+        (tmp_path / "run" / "reward").mkdir(parents=True)
+        (tmp_path / "run" / "empty").mkdir()
+    else:
+        run = f"memory://refuse-{tmp_path.name}/run"
+    memory = fsspec.filesystem("memory")
+    weights = f"{run}/reward/reward.safetensors"
+    with fsspec.open(weights, "wb") as f:
+        f.write(b"weights")
+    layout = StoreLayout(rows=4, height=4, width=4, shard_size=2)
+    with pytest.raises(ValueError, match=f"{run}: cannot create the synthetic store there: the path already "
+                                         "holds objects that are not a Zarr store"):
+        create_store(run, layout, {"candidates": 4})
+    with fsspec.open(weights, "rb") as f:
+        assert f.read() == b"weights"
+    if where == "local folder":
+        assert sorted(os.listdir(run)) == ["empty", "reward"]
+    else:
+        assert memory.find(run) == [weights.removeprefix("memory:/")]
+    for url in (f"{run}/empty", f"{run}/new.zarr"):
+        group = create_store(url, layout, {"candidates": 4})
+        write_shard(group, 0, {**_shard_rows(np.random.default_rng(0), 2, 4, 4), "passed": np.ones(2, bool)})
+        again = create_store(url, layout, {"candidates": 5})  # an earlier store: replaced
+        assert store_attrs(again) == {"candidates": 5} and not completed_shards(again).any()
+
+
+def _store_with_an_incomplete_shard(url):
+    """10 candidates in shards of 4, every other one passed; shard 1 left as a writer stopped in
+    the middle of it leaves it on object storage: ``passed`` stored, its image not, no flag."""
+    layout = StoreLayout(rows=10, height=4, width=4, shard_size=4)
+    group = create_store(url, layout, {"candidates": 10, "config": {"threshold": 0.5, "keep_rejected": False}})
+    writer = ShardWriter(group, layout)
+    for shard in range(3):
+        start, stop = layout.shard_rows(shard)
+        rows = _shard_rows(np.random.default_rng(shard), stop - start, 4, 4)
+        passed = np.arange(start, stop) % 2 == 0
+        rows["image"] = np.full((stop - start, 4, 4), 0.5, np.float32)
+        rows.update(passed=passed, dice=np.where(passed, 0.9, 0.1).astype(np.float32),
+                    sample_id=[f"s{i}" for i in range(start, stop)])
+        writer.write(shard, rows)
+    group["image"][4:8] = 0  # zarr deletes the object of an all-fill shard
+    group[MARKER][1] = 0
+    return group
+
+
+@pytest.mark.parametrize("where", ["local folder", "fsspec memory"])
+def test_readers_return_only_the_rows_of_complete_shards(tmp_path, monkeypatch, caplog, where):
+    """Every reader (numpy arrays, the row selection, the selection by Dice, the torch Dataset, the
+    Ray Dataset) returns and counts only the samples of complete shards, and logs how many shards
+    it skipped: an incomplete shard's ``passed`` may be stored while its image is not."""
+    url = str(tmp_path / "s.zarr") if where == "local folder" else f"memory://incomplete-{tmp_path.name}/s.zarr"
+    group = _store_with_an_incomplete_shard(url)
+    assert completed_shards(group).tolist() == [True, False, True]
+    kept, every = ["s0", "s2", "s8"], ["s0", "s1", "s2", "s3", "s8", "s9"]
+    with caplog.at_level("WARNING", logger="engine.synthesis.store"):
+        assert synthetic_rows(url).tolist() == [0, 2, 8]
+        arrays = read_synthetic_arrays(url)
+        assert arrays["sample_id"] == kept and (arrays["image"] == 0.5).all()
+        assert read_synthetic_arrays(url, passed_only=False)["sample_id"] == every
+        assert read_synthetic_arrays(url, min_dice=0.5)["sample_id"] == kept
+        assert select_samples(open_store(url), 0.5, url).tolist() == [0, 2, 8]
+        with pytest.raises(ValueError, match=r"rows \[4\] are not among the selected samples"):
+            read_synthetic_arrays(url, rows=[0, 4])
+        dataset = SyntheticDataset(url)
+        assert len(dataset) == 3 and [s["sample_id"] for s in dataset.__getitems__(range(3))] == kept
+        assert all((s["image"] == 0.5).all() for s in dataset.__getitems__(range(3)))
+        assert [dataset[i]["sample_id"] for i in range(3)] == kept
+        assert [s["sample_id"] for s in SyntheticDataset(url, passed_only=False).__getitems__(range(6))] == every
+    said = [r.getMessage() for r in caplog.records if "1 of 3 shard(s) incomplete, their rows not read" in r.message]
+    assert len(said) == 8 and all(m.startswith(url) for m in said)
+    if where == "fsspec memory":  # read in this process, handed to Ray as blocks: no cluster needed to see them
+        import ray
+
+        from engine.synthesis import store
+
+        monkeypatch.setattr(store, "SHARDS_PER_READ_TASK", 1)
+        monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: blocks)
+        blocks = store.read_store_dataset(url)
+        assert [sid for block in blocks for sid in block.column("sample_id").to_pylist()] == kept
+        assert all((np.stack(block.column("image").to_numpy(zero_copy_only=False)) == 0.5).all() for block in blocks)
+
+
 class _InFlightStore:
     """A zarr store wrapper whose every get waits 10 ms (object storage's latency, in small) and
     counts the gets in flight at once (``peak``)."""
@@ -489,6 +581,25 @@ def test_store_of_another_config_is_refused(done_run, base):
         synthesize(other, sequential=True, log=lambda _: None)
 
 
+def test_a_store_whose_creation_was_interrupted_is_created_anew(base, tmp_path):
+    """A store stopped before create_store's last step (its attributes) holds nothing: the next run
+    creates it anew; a Zarr group of something else without attributes is refused, clearly."""
+    cfg = tiny_config(base, tmp_path, ["synthesis.max_candidates=4"])
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    half = zarr.open_group(url, mode="w")
+    half.create_array("image", shape=(4, 64, 64), dtype="float32")
+    job = SynthesisJob(cfg)
+    group = job.open_or_create()
+    assert store_attrs(group)["fingerprint"] == job.fingerprint and MARKER in group
+    assert job.open_or_create().attrs.asdict() == group.attrs.asdict()  # now a store of this plan
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").create_array("mine", shape=(2,), dtype="int8")
+    job = SynthesisJob(tiny_config(base, tmp_path, ["synthesis.max_candidates=4", f"synthesis.store={other}"]))
+    with pytest.raises(ValueError, match=f"{other}: a Zarr group without lgesynth's attributes, not a synthetic store"):
+        job.open_or_create()
+    assert "mine" in zarr.open_group(str(other), mode="r")
+
+
 def test_rejected_candidates_keep_only_metadata_unless_asked(base, tmp_path):
     for keep in (False, True):
         cfg = tiny_config(base, tmp_path / str(keep), ["synthesis.threshold=0.999", "synthesis.max_candidates=4",
@@ -579,12 +690,16 @@ def _corrupt(url: str, what: str) -> None:
         group["passed"][2] = not bool(group["passed"][2])
     elif what == "unreadable":  # shard 1's image object overwritten with bytes that are no shard
         (Path(url) / "image" / "c.1.0.0").write_bytes(b"not a shard")
+    elif what in ("image", "caption", "source"):  # an object of complete shard 1 lost: read back as the fill value
+        (Path(url) / what / ("c.1.0.0" if what == "image" else "c.1")).unlink()
 
 
 @pytest.mark.parametrize("what, message", [
     ("nan", "image holds NaN"), ("label", "label values outside"), ("duplicate", "duplicate sample id"),
     ("incomplete", "shard(s) incomplete: 1"), ("passed", "passed disagrees with dice"),
-    ("unreadable", "shard 1: unreadable"),
+    ("unreadable", "shard 1: unreadable"), ("image", "shard 1: rows 4, 5, 6, 7: passed but the image is all zero"),
+    ("caption", "shard 1: rows 4, 5, 6, 7: passed with an empty caption"),
+    ("source", "shard 1: rows 4, 5, 6, 7: passed with an empty source"),
 ])
 def test_check_store_reports_each_kind_of_damage(done_run, tmp_path, capsys, what, message):
     import shutil

@@ -4,7 +4,9 @@ Checks: the schema's arrays exist with consistent shapes; every shard is readabl
 complete; the row count matches the plan recorded in the attributes; sample ids are non-empty and
 unique; no NaN or infinity; images in [0, 1]; labels are DOMAIN labels (0-4); conditions are 0/1;
 ``passed`` agrees with ``dice`` and the recorded threshold; a kept sample's scar lies inside its
-myocardium; rows without a scar (``skip_reason``) never pass. Problems are listed, never fixed.
+myocardium, its image is not all zero and its source and caption are not empty (a lost object reads
+back as the fill value); rows without a scar (``skip_reason``) never pass. Counts (kept, unique ids)
+are of the complete shards, the rows the readers return. Problems are listed, never fixed.
 """
 
 from __future__ import annotations
@@ -66,9 +68,17 @@ def _shard_problems(rows: dict[str, np.ndarray], start: int, threshold: float | 
     kept_no_condition = passed & ~rows["condition"].reshape(len(label), -1).any(1)
     if kept_no_condition.any():
         problems.append(f"rows {where(kept_no_condition)}: passed with an empty conditioning mask")
+    # a rejected row's image is zero on purpose without keep_rejected; a kept one's never is
+    kept_blank = passed & ~rows["image"].reshape(len(label), -1).any(1)
+    if kept_blank.any():
+        problems.append(f"rows {where(kept_blank)}: passed but the image is all zero")
     ids = [str(s) for s in rows["sample_id"]]
     if any(not s for s in ids):
         problems.append(f"rows {where(np.asarray([not s for s in ids]))}: empty sample_id")
+    for name in ("source", "caption"):
+        kept_empty = passed & np.asarray([not str(v) for v in rows[name]], bool)
+        if kept_empty.any():
+            problems.append(f"rows {where(kept_empty)}: passed with an empty {name}")
     kept_scarless = passed & ~(label >= SCAR).reshape(len(label), -1).any(1)
     if kept_scarless.any():
         problems.append(f"rows {where(kept_scarless)}: passed but the label holds no scar")
@@ -125,9 +135,9 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> t
         if isinstance(rows, Exception):
             problems.append(f"shard {shard}: unreadable ({type(rows).__name__}: {rows})")
             continue
-        ids += [str(s) for s in rows["sample_id"]]
-        kept += int(rows["passed"].astype(bool).sum())
-        if done[shard]:
+        if done[shard]:  # an incomplete shard's rows are not read back (store.readable_shards)
+            ids += [str(s) for s in rows["sample_id"]]
+            kept += int(rows["passed"].astype(bool).sum())
             problems += [f"shard {shard}: {p}" for p in _shard_problems(rows, start, threshold)]
     unique = len(set(ids))
     if unique != len(ids):

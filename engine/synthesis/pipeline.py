@@ -47,6 +47,7 @@ from engine.synthesis.store import (
     ShardWriter,
     completed_shards,
     create_store,
+    creation_interrupted,
     open_store,
     read_arrays,
     shared_filesystem,
@@ -280,17 +281,23 @@ class SynthesisJob:
 
     # ------------------------------------------------------------------------------------ store
     def open_or_create(self):
-        """The store, created if absent; an existing store of another plan or config is refused."""
+        """The store, created if absent or if its creation was interrupted (nothing written to it
+        yet); an existing store of another plan or config is refused."""
         opts = self.syn.storage_options
         if store_exists(self.url, opts):
             group = open_store(self.url, "r+", opts)
-            stored = store_attrs(group)
-            if stored.get("fingerprint") != self.fingerprint:
-                changes = config_changes(stored.get("content", {}), self.attrs["content"]) or ["not an lgesynth store"]
-                raise ValueError(
-                    f"{self.url}: the store was written with another plan, config or checkpoint ({'; '.join(changes[:6])}); "
-                    "write to a new synthesis.store, or delete this one to start over")
-            return group
+            if not creation_interrupted(group):
+                stored = store_attrs(group)
+                if not stored:
+                    raise ValueError(f"{self.url}: a Zarr group without lgesynth's attributes, not a synthetic store; "
+                                     "write to a new synthesis.store, or delete this one to start over")
+                if stored.get("fingerprint") != self.fingerprint:
+                    changes = (config_changes(stored.get("content", {}), self.attrs["content"])
+                               or [f"fingerprint {stored.get('fingerprint')} -> {self.fingerprint}"])
+                    raise ValueError(
+                        f"{self.url}: the store was written with another plan, config or checkpoint "
+                        f"({'; '.join(changes[:6])}); write to a new synthesis.store, or delete this one to start over")
+                return group
         return create_store(self.url, self.layout, self.attrs, opts, compression=self.syn.compression)
 
     def actor_args(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -22,6 +22,9 @@ at any point leaves nothing half-counted. ``skip_reason`` is empty for generated
 says why for a candidate whose slice could not take a scar (such rows are never ``passed``).
 Rejected candidates keep their images only with ``keep_rejected``; otherwise image, label and
 condition of those rows stay empty (zero, not stored) and only their metadata is kept.
+The readers (:func:`read_synthetic_arrays`, :class:`SyntheticDataset`, :func:`read_store_dataset`)
+return, and count, only rows of complete shards: a shard left incomplete by a stopped run may hold
+some of its arrays and not others (on object storage its objects are put concurrently).
 
 Attributes (``group.attrs["lgesynth"]``): format version, engine version, the synthesis config,
 scar sampler and data config, checkpoint sha256s, seed, the plan's fingerprint, and the sources
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -49,6 +53,8 @@ CHUNK_KEYS = {"name": "default", "separator": "."}
 REQUIRED = ("image", "label", "passed")
 READ_CONCURRENCY = 64  # chunk reads in flight while a whole array is read (zarr's default: 10)
 SHARDS_PER_READ_TASK = 4  # shards a Ray Data read call fetches at once (one store opening for them)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,24 @@ def compressors(compression: str, name: str):
 def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
                  storage_options: Mapping[str, Any] | None = None, compression: str = "fast"):
     """Create an empty store of ``layout`` with provenance ``attrs`` (under ``attrs["lgesynth"]``),
-    its arrays compressed as :func:`compressors` says for ``compression``."""
+    its arrays compressed as :func:`compressors` says for ``compression``. An earlier store at
+    ``url`` is replaced; any other objects there are refused, never erased.
+
+    Raises:
+        ValueError: ``url`` holds objects that are not a Zarr store (a run folder, say), or the
+            store cannot be created (a missing bucket, no permission); the URL and the reason named.
+    """
     import zarr
 
     compressors(compression, "image")  # refuse an unknown name before anything is written
     try:
-        group = zarr.open_group(url, mode="w", storage_options=_storage_options(url, storage_options))
+        group = zarr.open_group(url, mode="w-", storage_options=_storage_options(url, storage_options))
+    except FileExistsError:  # "w" would empty the path: only an earlier store is replaced
+        if not store_exists(url, storage_options):
+            raise ValueError(f"{url}: cannot create the synthetic store there: the path already holds objects "
+                             "that are not a Zarr store, which creating it would erase; choose a new or empty "
+                             "path") from None
+        group = open_store(url, "w", storage_options)
     except Exception as exc:  # noqa: BLE001 - name the store and why (a missing bucket, no permission)
         raise ValueError(f"{url}: cannot create the synthetic store ({type(exc).__name__}: {exc})") from exc
     n, h, w, s = layout.rows, layout.height, layout.width, layout.shard_size
@@ -164,6 +182,15 @@ def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
 
 def store_attrs(group) -> dict[str, Any]:
     return dict(group.attrs.get(ATTRS_KEY, {}))
+
+
+def creation_interrupted(group) -> bool:
+    """Whether ``group`` is what :func:`create_store` leaves when stopped before its last step (the
+    attributes): no attributes, no member but the schema's arrays, no shard complete. Nothing was
+    written to it: it may be created anew."""
+    members = set(group.keys())
+    return (not dict(group.attrs) and members <= {*IMAGE_ARRAYS, *ROW_ARRAYS, *TEXT_ARRAYS, MARKER}
+            and (MARKER not in members or not completed_shards(group).any()))
 
 
 def update_attrs(group, **values: Any) -> None:
@@ -187,6 +214,27 @@ def completed_shards(group, read_flags: bool = False) -> np.ndarray:
     if listed is not None:
         return listed
     return np.asarray(read_arrays(group, (MARKER,))[MARKER], dtype=np.uint8) == 1
+
+
+def readable_shards(group, url: str = "") -> np.ndarray:
+    """bool [n_shards]: the shards the readers return rows of, the complete ones (a shard left
+    incomplete may hold ``passed`` but not its image). Logs a warning naming the store and how many
+    shards are skipped, so nothing is dropped silently."""
+    done = completed_shards(group)
+    if not done.all():
+        logger.warning("%s: %d of %d shard(s) incomplete, their rows not read (re-run synthesis to finish "
+                       "them; check-store lists them)", url, int((~done).sum()), len(done))
+    return done
+
+
+def complete_rows(group, url: str = "") -> np.ndarray:
+    """bool [rows]: whether each row lies in a shard :func:`readable_shards` returns; every row of
+    a store of the user's own without completion flags (only image, label and passed: written
+    whole by its maker, which the engine cannot check)."""
+    rows, shard_size = group["passed"].shape[0], int(group["passed"].chunks[0])
+    if MARKER not in group:
+        return np.ones(rows, dtype=bool)
+    return readable_shards(group, url)[np.arange(rows) // shard_size]
 
 
 def _listed_flags(flags) -> np.ndarray | None:
@@ -885,7 +933,8 @@ def dice_above(dice, threshold: float) -> np.ndarray:
 
 
 def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
-    """Row indices of the samples of an open store whose image is present and whose Dice > ``min_dice``.
+    """Row indices of the samples of an open store whose image is present and whose Dice > ``min_dice``,
+    in complete shards only (:func:`complete_rows`).
 
     A stricter ``min_dice`` than the store's filter threshold is a subset of the samples that
     passed; a looser one reaches rejected candidates, whose images exist only in a store written
@@ -909,19 +958,15 @@ def select_samples(group, min_dice: float, url: str = "") -> np.ndarray:
             "synthesis.keep_rejected=true for a threshold below the store's own")
     rejected_too = keep_rejected and min_dice < float(threshold)
     rows = read_arrays(group, ("passed", "dice", *(("skip_reason",) if rejected_too else ())))
-    passed = np.asarray(rows["passed"], dtype=bool)
-    present = passed
+    present = np.asarray(rows["passed"], dtype=bool)
     if rejected_too:
-        made = np.asarray([not str(r) for r in rows["skip_reason"]], bool)
-        shard_size = int(group["dice"].chunks[0])
-        complete = completed_shards(group)[np.arange(len(passed)) // shard_size]
-        present = made & complete
-    return np.flatnonzero(present & dice_above(rows["dice"], min_dice))
+        present = np.asarray([not str(r) for r in rows["skip_reason"]], bool)  # every made candidate
+    return np.flatnonzero(present & complete_rows(group, url) & dice_above(rows["dice"], min_dice))
 
 
 def _synthetic_selection(url: str, passed_only: bool, storage_options: dict | None, min_dice: float | None):
     """``(group, keep, passed)``: the open store, the sorted row indices :func:`read_synthetic_arrays`
-    returns and the ``passed`` flag of every row (all true under ``min_dice``)."""
+    returns (of complete shards only) and the ``passed`` flag of every row (all true under ``min_dice``)."""
     if min_dice is not None and not passed_only:
         raise ValueError("min_dice selects the samples that pass a filter: it cannot go with passed_only=False")
     group = open_store(url, "r", storage_options)
@@ -931,7 +976,7 @@ def _synthetic_selection(url: str, passed_only: bool, storage_options: dict | No
     if min_dice is not None:  # select_samples reads passed itself
         return group, select_samples(group, float(min_dice), url), np.ones(group["passed"].shape[0], dtype=bool)
     passed = np.asarray(read_arrays(group, ("passed",))["passed"], dtype=bool)
-    return group, np.flatnonzero(passed) if passed_only else np.arange(len(passed)), passed
+    return group, np.flatnonzero((passed if passed_only else True) & complete_rows(group, url)), passed
 
 
 def synthetic_rows(url: str, passed_only: bool = True, storage_options: dict | None = None,
@@ -948,7 +993,8 @@ def read_synthetic_arrays(url: str, passed_only: bool = True, storage_options: d
     Args:
         url: the store's path or fsspec URL.
         passed_only: keep only samples that passed the quality filter (the default: rejected
-            candidates never train a downstream model).
+            candidates never train a downstream model). Either way only rows of complete shards
+            are returned (:func:`readable_shards`).
         storage_options: fsspec options (endpoint and the like; never credentials in configs).
         min_dice: instead of the filter's decision, keep the samples with Dice > ``min_dice``
             (:func:`select_samples`: below the store's own threshold only for a store written with
@@ -1008,10 +1054,10 @@ class SyntheticDataset:
     ``source`` and ``sample_id``; an optional MONAI ``transform`` (e.g. ``Compose([...])`` of
     dictionary transforms) is applied to each sample.
 
-    Only passed samples by default. Reading is lazy (one sample's chunk per item, its arrays
-    fetched concurrently; a DataLoader's batch fetched all at once through ``__getitems__``), so
-    the store may be much larger than memory; the store is reopened in each DataLoader worker
-    process (spawned or forked).
+    Only passed samples by default, and only those of complete shards. Reading is lazy (one
+    sample's chunk per item, its arrays fetched concurrently; a DataLoader's batch fetched all at
+    once through ``__getitems__``), so the store may be much larger than memory; the store is
+    reopened in each DataLoader worker process (spawned or forked).
 
     Example:
         >>> ds = SyntheticDataset("runs/demo/synthetic.zarr")  # doctest: +SKIP
@@ -1023,11 +1069,11 @@ class SyntheticDataset:
         self.url, self.transform = url, transform
         self.storage_options = dict(storage_options or {})
         group = open_store(url, "r", self.storage_options)
-        missing = [name for name in (*IMAGE_ARRAYS, "passed", "sample_id") if name not in group]
+        missing = [name for name in (*IMAGE_ARRAYS, "passed", "sample_id", MARKER) if name not in group]
         if missing:
             raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
         passed = np.asarray(read_arrays(group, ("passed",))["passed"], dtype=bool)
-        self.indices = np.flatnonzero(passed) if passed_only else np.arange(len(passed))
+        self.indices = np.flatnonzero((passed if passed_only else True) & complete_rows(group, url))
         self._reader: ShardReader | None = None
         self._pid = 0  # the process that opened _reader (a forked worker opens its own)
 
@@ -1088,22 +1134,24 @@ def shared_filesystem(url: str) -> bool:
 
 def read_store_dataset(url: str, passed_only: bool = True, storage_options: Mapping[str, Any] | None = None):
     """The store as a Ray Dataset, one row per sample (columns as :class:`SyntheticDataset`), read
-    in parallel tasks, :data:`SHARDS_PER_READ_TASK` shards a call; only passed samples by default.
+    in parallel tasks, :data:`SHARDS_PER_READ_TASK` shards a call; only passed samples by default,
+    and only those of complete shards (:func:`readable_shards`).
     A ``memory://`` store, which only this process sees, is read here and handed to Ray as blocks."""
     import ray
 
     group = open_store(url, "r", storage_options)
     layout = StoreLayout.of_group(group)
+    complete = np.flatnonzero(readable_shards(group, url))
     if not shared_filesystem(url):
         from ray.data.block import BlockAccessor
 
         blocks = [BlockAccessor.batch_to_block(batch)
-                  for start in range(0, layout.shards, SHARDS_PER_READ_TASK)
-                  for batch in _read_shards_batch({"shard": np.arange(start, min(start + SHARDS_PER_READ_TASK, layout.shards))},
+                  for start in range(0, len(complete), SHARDS_PER_READ_TASK)
+                  for batch in _read_shards_batch({"shard": complete[start:start + SHARDS_PER_READ_TASK]},
                                                   url, storage_options, passed_only, layout)]
         return ray.data.from_arrow(blocks) if blocks else ray.data.from_items([])
-    shards = ray.data.from_items([{"shard": i} for i in range(layout.shards)],
-                                 override_num_blocks=max(1, min(layout.shards, 200)))
+    shards = ray.data.from_items([{"shard": int(i)} for i in complete],
+                                 override_num_blocks=max(1, min(len(complete), 200)))
     return shards.map_batches(_read_shards_batch, batch_size=SHARDS_PER_READ_TASK,
                               fn_kwargs={"url": url, "storage_options": _storage_options(url, storage_options),
                                          "passed_only": passed_only, "layout": layout})

@@ -10,6 +10,8 @@ over its slices, exceeds ``detection_min_pixels``). Exported to ``<run_dir>/<nam
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import numpy as np
 from engine.models.downstream import DownstreamModelConfig
 from engine.training.distributed import RayTrainConfig
 from engine.training.loop import TrainLoopConfig, require_epochs
+
+logger = logging.getLogger(__name__)
 
 STAGE = "downstream"
 INPUT_RANGE = "0,1"
@@ -130,6 +134,47 @@ def downstream_worker(config: dict[str, Any]) -> None:
     )
 
 
+def held_out_patients(run_dir: str | Path, parts: dict[str, Any]) -> set[str]:
+    """The run's validation and test patients: those of ``parts`` other than ``train``, and those
+    of the run's split file (``<run_dir>/splits.json``) when it exists (callers may pass ``parts``
+    with the test patients already dropped)."""
+    from engine.training.prepare import SPLITS_FILE
+
+    held = {str(p) for name, arrays in parts.items() if name != "train" for p in arrays.patient_id}
+    path = Path(run_dir) / SPLITS_FILE
+    if path.is_file():
+        held |= {str(p) for name, patients in json.loads(path.read_text())["splits"].items() if name != "train"
+                 for p in patients}
+    return held
+
+
+def refuse_held_out_sources(sources, held_out: set[str], url: str) -> None:
+    """Refuse synthetic samples made from a held-out patient's slice (source ``"patient/slice"``):
+    a downstream model trained on the anatomy of the patients it is validated or tested on would
+    score a leak, not the method (DOMAIN.md: splits are always by patient).
+
+    A store of the user's own without a ``source`` array (any store with image, label and passed
+    trains) cannot be checked: that is logged as a warning, not refused.
+
+    Raises:
+        ValueError: naming the store, how many samples and which patients.
+    """
+    if sources is None:
+        logger.warning("%s: the synthetic samples do not record their source slice (no 'source' array), so the "
+                       "engine cannot check that none was made from a validation or test patient", url)
+        return
+    patients = [str(s).rpartition("/")[0] for s in sources]
+    leaked = sorted({p for p in patients if p in held_out})
+    if leaked:
+        count = sum(p in held_out for p in patients)
+        raise ValueError(
+            f"{url}: {count} of the {len(patients)} synthetic samples drawn for training were made from the "
+            f"slices of {len(leaked)} validation or test patient(s) of this run ({', '.join(leaked[:5])}"
+            f"{', ...' if len(leaked) > 5 else ''}); a downstream model must not train on held-out patients' "
+            "anatomy. Make the store from this run's training patients (synthesis.split=train, the default, "
+            "with this run's run_dir)")
+
+
 def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Driver: real train slices (+ synthetic), Ray Train, final metrics.
 
@@ -157,6 +202,7 @@ def train_downstream(cfg, parts: dict[str, Any] | None = None) -> dict[str, Any]
                 else "synthetic samples that passed the filter") + f" in {url}"
         drawn = available[draw_synthetic(len(available), stage.n_synthetic, stage.loop.seed, what)]
         synthetic = read_synthetic_arrays(url, storage_options=options, min_dice=stage.synthetic_min_dice, rows=drawn)
+        refuse_held_out_sources(synthetic.get("source"), held_out_patients(cfg.run_dir, parts), url)
     train = mix_real_and_synthetic(parts["train"], synthetic, stage.n_synthetic, seed=stage.loop.seed)
     sources = [s for s, syn in zip(train.source, np.asarray(train.synthetic), strict=True) if syn]
     return launch(cfg, stage, downstream_worker, name=stage.name, arrays={"train": train, "val": parts["val"]},
