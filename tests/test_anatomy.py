@@ -12,6 +12,7 @@ from engine.anatomy.masks import (
     ScarSamplerConfig,
     ScarSpec,
     apply_scar,
+    draw_scar_spec,
     edge_map,
     ellipsoid_scar_mask,
     sample_scar,
@@ -177,6 +178,110 @@ def test_transmurality_and_caption_of_known_wedges(lo, hi, r_max, segments, klas
     assert text.startswith("LGE short-axis, mid slice.")
 
 
+@pytest.mark.parametrize("reference", [120.0, 100.0, 137.5])
+@pytest.mark.parametrize(
+    "lo, hi, segments",
+    [  # transmural scar at the apical boundaries (45 + 90k at reference 120), where rays used to
+        # straddle two segments and a segment with scar only there crashed describe_scar
+        (100, 136, (13,)),  # one degree into septal: too little to name, but measured
+        (100, 135.5, (13,)),
+        (135, 136, (14,)),  # one-degree slivers just past a boundary
+        (313, 315, (15,)),
+        (315, 316, (16,)),
+        (280, 315.7, (15,)),
+    ],
+)
+def test_apical_scar_at_a_segment_boundary(lo, hi, segments, reference):
+    label, angle, r = ring()
+    scarred = wedge(label, (angle - (reference - 120)) % 360, r, lo, hi, R_OUT + 1)
+    anatomy = describe_scar(scarred, "apical", reference)
+    assert anatomy.segments == segments
+    holding = set(np.unique(aha_segments(scarred, "apical", reference)[scarred == 3]))
+    assert set(anatomy.segment_extent) == holding and all(0 < v <= 1 for v in anatomy.segment_extent.values())
+
+
+@pytest.mark.parametrize("reference", [120.0, 100.0, 137.5])
+def test_a_segment_extent_uses_only_its_own_pixels(reference):
+    # transmural in apical anterior right up to the septal border, a thin band in septal beyond it:
+    # the ray across the border must not lend septal the anterior scar's extent
+    label, angle, r = ring()
+    rotated = (angle - (reference - 120)) % 360
+    scarred = wedge(label, rotated, r, 95, 135, R_OUT + 1)
+    scarred = wedge(scarred, rotated, r, 135, 180, R_IN + 2)
+    anatomy = describe_scar(scarred, "apical", reference)
+    assert anatomy.segments == (13, 14)
+    assert anatomy.segment_extent[13] > 0.9
+    assert transmurality_class(anatomy.segment_extent[14]) == "1-25%"
+
+
+# segment boundaries of each level at reference 120 (the apex has none)
+BOUNDARIES = {level: [lo for _, lo, _ in rows] for level, rows in TABLE.items()} | {"apex": [0.0]}
+
+
+@pytest.mark.parametrize("level", ["basal", "mid", "apical", "apex"])
+@pytest.mark.parametrize("reference", [120.0, 100.0, 137.5, 300.0, 47.3])
+def test_random_wedge_scars_are_always_described(level, reference):
+    label, angle, r = ring()
+    segment_map = aha_segments(label, level, reference)
+    rng = np.random.default_rng(int(reference * 10) + len(level))
+    for k in range(30):
+        if k % 2:  # a sliver near a segment boundary
+            start = rng.choice(BOUNDARIES[level]) + reference - 120 + rng.uniform(-3, 2)
+            width = rng.uniform(0.5, 4)
+        else:
+            start, width = rng.uniform(0, 360), rng.uniform(5, 150)
+        depth = rng.uniform(0.05, 1.0)
+        scarred = label.copy()
+        scarred[(label == 2) & ((angle - start) % 360 < width) & (r <= R_IN + depth * (R_OUT - R_IN + 1))] = 3
+        if not (scarred == 3).any():
+            continue
+        anatomy = describe_scar(scarred, level, reference)
+        holding = set(np.unique(segment_map[scarred == 3]))
+        assert set(anatomy.segment_extent) == holding, (start, width)
+        assert anatomy.segments and set(anatomy.segments) <= holding
+        assert all(0 < v <= 1 for v in anatomy.segment_extent.values())
+        assert anatomy.transmurality == max(anatomy.segment_extent[s] for s in anatomy.segments)
+
+
+@pytest.mark.parametrize("r_in, r_out", [(15, 25), (20, 28), (25, 40)])
+@pytest.mark.parametrize("fraction, klass", [(0.2, "1-25%"), (0.3, "26-50%"), (0.45, "26-50%"), (0.6, "51-75%")])
+def test_a_uniform_band_reads_its_fraction(r_in, r_out, fraction, klass):
+    # a subendocardial band of constant depth across a segment (the audit's cases): a maximum over the
+    # segment's ~16 rays, each about a pixel wide at the endocardium, read 0.20 as 0.28 and 0.45 as 0.54
+    label, angle, r = ring(r_in, r_out, size=128, centre=63.5)
+    scarred = wedge(label, angle, r, 60, 120, r_in + fraction * (r_out - r_in))
+    anatomy = describe_scar(scarred, "mid")
+    assert anatomy.segments == (7,)
+    assert anatomy.transmurality == pytest.approx(fraction, abs=0.04)
+    assert anatomy.transmurality_class == klass
+
+
+def test_uniform_bands_read_their_fraction_on_thin_and_thick_walls():
+    # walls 8, 10, 12 and 15 pixels thick, the LV centre on a pixel and off it; the pixel staircase
+    # of the band's edge leaves single segments off by up to ~0.1 on the thinnest wall
+    errors, agree = [], 0
+    for centre in (64.0, 64.3):
+        for r_in, r_out in [(15, 23), (16, 26), (18, 30), (20, 35)]:
+            label, angle, r = ring(r_in, r_out, centre=centre)
+            for fraction in (0.2, 0.3, 0.45, 0.6):
+                anatomy = describe_scar(wedge(label, angle, r, 63, 117, r_in + fraction * (r_out - r_in)), "mid")
+                errors.append(anatomy.transmurality - fraction)
+                agree += anatomy.transmurality_class == transmurality_class(fraction)
+    assert np.abs(errors).mean() < 0.04 and np.abs(errors).max() < 0.12, errors
+    assert agree >= 28, errors  # of 32
+
+
+@pytest.mark.parametrize("width, band", [(10, False), (15, False), (25, False), (12, True), (20, True)])
+def test_a_focal_transmural_scar_reads_transmural(width, band):
+    # alone, or as the core of a thin band across the segment
+    label, angle, r = ring()
+    scarred = wedge(label, angle, r, 65, 115, R_IN + 2) if band else label
+    scarred = wedge(scarred, angle, r, 90 - width / 2, 90 + width / 2, R_OUT + 1)
+    anatomy = describe_scar(scarred, "mid")
+    assert anatomy.segments == (7,)
+    assert anatomy.transmurality_class == "76-100%" and anatomy.layer == "transmural"
+
+
 def test_midwall_and_subepicardial_scar_are_named():
     label, angle, r = ring()
     mid = label.copy()
@@ -252,6 +357,19 @@ def test_sampler_config_rejects_bad_values():
         ScarSamplerConfig(pattern_weights={"ischaemic": 1.0})
     with pytest.raises(ValueError, match="ischemic_transmurality"):
         ScarSamplerConfig(ischemic_transmurality=(0.5, 0.2))
+
+
+def test_sampler_config_refuses_a_pattern_with_no_class_to_draw():
+    only_transmural = {"1-25%": 0.0, "26-50%": 0.0, "51-75%": 0.0, "76-100%": 1.0}
+    # mid-wall scar is drawn in 0.2-0.5 by default: both of its classes weigh 0
+    with pytest.raises(ValueError, match=r"pattern 'midwall' .* \(1-25%, 26-50%\) has weight 0"):
+        ScarSamplerConfig(transmurality_weights=only_transmural)
+    with pytest.raises(ValueError, match="pattern 'ischemic'"):
+        ScarSamplerConfig(pattern_weights={"ischemic": 1.0}, ischemic_transmurality=(0.3, 0.45),
+                          transmurality_weights={"26-50%": 0.0, "1-25%": 1.0})
+    # a pattern that is never drawn may have no class left: every draw then succeeds
+    cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0, "midwall": 0.0}, transmurality_weights=only_transmural)
+    assert all(draw_scar_spec("mid", np.random.default_rng(s), cfg).transmurality > 0.75 for s in range(50))
 
 
 def test_sampler_reports_a_wall_too_thin():

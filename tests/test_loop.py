@@ -89,6 +89,9 @@ def test_reweighting_moves_weight_to_what_is_missed_and_keeps_a_floor():
     assert reweight({}, {}, CLASSES, strength=1.0, floor=0.2) == dict.fromkeys(CLASSES, 1.0)
     lad_heavy = territory_weights({"LAD": 0.4, "RCA": 0.3, "LCx": 0.3}, {"1": 3.0, "7": 3.0, "13": 3.0})
     assert lad_heavy["LAD"] > 0.4 and lad_heavy["RCA"] == pytest.approx(0.3)
+    # the mean is over the reweighted segments 1-16 only: the apex (17, in LAD) is never drawn
+    doubled = territory_weights({"LAD": 0.4, "RCA": 0.3}, {s: 2.0 for s in ("1", "2", "7", "8", "13", "14")})
+    assert doubled == pytest.approx({"LAD": 0.8, "RCA": 0.3})
 
 
 def test_loop_config_and_bullseye(tmp_path):

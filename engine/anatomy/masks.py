@@ -126,7 +126,8 @@ class ScarSamplerConfig:
             downstream model misses.
         transmurality_weights: relative weights of the transmurality classes ("1-25%", "26-50%",
             "51-75%", "76-100%") within each pattern's range (a missing class weighs 1); empty: the
-            fraction uniform over the range.
+            fraction uniform over the range. Every pattern with a positive weight needs a class of
+            positive weight within its range.
 
     Example:
         >>> cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0, "midwall": 0.0, "subepicardial": 0.0})
@@ -163,19 +164,41 @@ class ScarSamplerConfig:
             _check_weights("segment_weights", self.segment_weights, tuple(str(s) for s in range(1, 17)))
         if self.transmurality_weights:
             _check_weights("transmurality_weights", self.transmurality_weights, tuple(TRANSMURALITY_BINS))
+            # A pattern that can be drawn needs a class of positive weight within its range, or its
+            # draws would have nothing to choose from.
+            for pattern in PATTERNS:
+                if self.pattern_weights.get(pattern, 0.0) <= 0:
+                    continue
+                lo, hi = self.transmurality_range(pattern)
+                classes = list(_transmurality_parts(lo, hi))
+                if all(self.transmurality_weights.get(name, 1.0) <= 0 for name in classes):
+                    raise ValueError(
+                        f"transmurality_weights: pattern {pattern!r} draws transmurality in {[lo, hi]}, but every "
+                        f"class there ({', '.join(classes)}) has weight 0; give one of them a positive weight "
+                        f"or set pattern_weights[{pattern!r}] to 0")
+
+    def transmurality_range(self, pattern: str) -> tuple[float, float]:
+        """(min, max) transmural fraction a pattern's scars are drawn in."""
+        return self.ischemic_transmurality if pattern == "ischemic" else self.nonischemic_transmurality
 
 
 # The transmurality classes a scar is drawn in (DOMAIN.md section 2's scale without 0%): (lo, hi].
 TRANSMURALITY_BINS = {"1-25%": (0.0, 0.25), "26-50%": (0.25, 0.5), "51-75%": (0.5, 0.75), "76-100%": (0.75, 1.0)}
 
 
+def _transmurality_parts(lo: float, hi: float) -> dict[str, tuple[float, float]]:
+    """The transmurality classes overlapping [lo, hi], each with its part of the range."""
+    return {name: (max(lo, a), min(hi, b)) for name, (a, b) in TRANSMURALITY_BINS.items()
+            if min(hi, b) > max(lo, a) or (lo == hi and a < lo <= b)}
+
+
 def _draw_transmurality(rng: np.random.Generator, lo: float, hi: float, weights: dict[str, float]) -> float:
     """A transmural fraction in [lo, hi]: uniform without ``weights``, else a class drawn by its
-    weight (of those overlapping the range) and uniform in that class's part of the range."""
+    weight (of those overlapping the range; ScarSamplerConfig makes sure one weighs more than 0) and
+    uniform in that class's part of the range."""
     if not weights:
         return float(rng.uniform(lo, hi))
-    parts = {name: (max(lo, a), min(hi, b)) for name, (a, b) in TRANSMURALITY_BINS.items()
-             if min(hi, b) > max(lo, a) or (lo == hi and a < lo <= b)}
+    parts = _transmurality_parts(lo, hi)
     chosen = _choose(rng, {name: weights.get(name, 1.0) for name in parts}) if len(parts) > 1 else next(iter(parts))
     return float(rng.uniform(*parts[chosen]))
 
@@ -222,12 +245,12 @@ def draw_scar_spec(level: str, rng: np.random.Generator, cfg: ScarSamplerConfig,
     if pattern == "ischemic":
         territory = _choose(rng, {k: v for k, v in cfg.territory_weights.items() if v > 0})
         candidates = sorted(at_level & set(TERRITORIES[territory]))
-        layer, (lo, hi) = "subendocardial", cfg.ischemic_transmurality
+        layer = "subendocardial"
     else:
         allowed = cfg.midwall_segments if pattern == "midwall" else cfg.subepicardial_segments
         candidates = sorted(at_level & set(allowed)) or sorted(at_level)
         layer = "mid-wall" if pattern == "midwall" else "subepicardial"
-        lo, hi = cfg.nonischemic_transmurality
+    lo, hi = cfg.transmurality_range(pattern)
     if cfg.segment_weights:
         weights = np.array([cfg.segment_weights.get(str(c), 1.0) for c in candidates], dtype=np.float64)
         segment = int(candidates[int(rng.choice(len(candidates), p=weights / weights.sum()))]) if weights.sum() > 0 \

@@ -154,8 +154,11 @@ def reweight(weights: Mapping[str, float], counts: Mapping[str, Sequence[int]], 
 
 
 def territory_weights(base: Mapping[str, float], segment_weights: Mapping[str, float]) -> dict[str, float]:
-    """The configured territory weights, each scaled by the mean weight of its segments."""
-    return {t: float(base.get(t, 0.0)) * float(np.mean([segment_weights.get(str(s), 1.0) for s in TERRITORIES[t]]))
+    """The configured territory weights, each scaled by the mean weight of its segments that are
+    reweighted (``SEGMENTS``, 1-16: the apex, 17, in LAD, is never drawn, so its 1.0 would pull LAD
+    toward uniform)."""
+    return {t: float(base.get(t, 0.0)) * float(np.mean([segment_weights.get(str(s), 1.0) for s in TERRITORIES[t]
+                                                        if str(s) in SEGMENTS]))
             for t in base}
 
 
