@@ -185,7 +185,8 @@ def test_downstream_refuses_synthetic_samples_made_from_validation_or_test_patie
     group.create_array("image", data=np.zeros((3, 64, 64), np.float32))
     group.create_array("label", data=label)
     group.create_array("passed", data=np.ones(3, bool))
-    group.create_array("source", data=np.array(source, dtype=str))
+    sources = group.create_array("source", shape=(3,), dtype=str)  # variable-length text, as the engine's stores
+    sources[:] = np.array(source, dtype=object)
     leaky = stage_config(cfg.run_dir, [f"downstream.synthetic={base / 'from-test.zarr'}", "downstream.n_synthetic=3",
                                        "downstream.name=downstream-leaky"])
     with pytest.raises(ValueError, match=rf"1 of the 3 synthetic samples .*\({splits['test'][0]}\)"):
