@@ -581,6 +581,32 @@ def test_store_of_another_config_is_refused(done_run, base):
         synthesize(other, sequential=True, log=lambda _: None)
 
 
+def test_a_store_of_other_source_images_under_the_same_names_is_refused(done_run):
+    """A cohort made again under the same patient names with other images (a phantom of another
+    seed) is another plan: its store is not resumed. A store written before the sources were
+    fingerprinted still resumes."""
+    import dataclasses
+
+    cfg, _ = done_run
+    parts = prepare_arrays(cfg)[0]
+    assert SynthesisJob(cfg, parts).open_or_create() is not None  # the same cohort: the same store
+    train = parts["train"]
+    image = train.image.copy()
+    image[~train.positive] += 0.01  # the negative slices' pixels, nothing else
+    other = {**parts, "train": dataclasses.replace(train, image=image)}
+    job = SynthesisJob(cfg, other)
+    with pytest.raises(ValueError, match=r"another plan, config or checkpoint \(sources: '[0-9a-f]{64}' -> "):
+        job.open_or_create()
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    group = open_store(url, "r+")
+    stored = store_attrs(group)
+    try:
+        group.attrs["lgesynth"] = {**stored, "fingerprint": job.legacy_fingerprint}  # as an older engine wrote it
+        assert store_attrs(job.open_or_create())["fingerprint"] == job.legacy_fingerprint
+    finally:
+        group.attrs["lgesynth"] = stored
+
+
 def test_a_store_whose_creation_was_interrupted_is_created_anew(base, tmp_path):
     """A store stopped before create_store's last step (its attributes) holds nothing: the next run
     creates it anew; a Zarr group of something else without attributes is refused, clearly."""

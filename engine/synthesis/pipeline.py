@@ -262,6 +262,7 @@ class SynthesisJob:
                              if k not in ("segment_weights", "transmurality_weights") or v},
             "data": to_dict(self.data_cfg),
             "reference_angle": cfg.cohort.reference_angle, "checkpoints": self.checkpoints,
+            "sources": self.plan.sources_fingerprint(),
         }
         if syn.method != "lgesynthnet":  # stores written before methods existed hold the generator's
             content["synthesis"]["method"] = syn.method
@@ -272,6 +273,8 @@ class SynthesisJob:
         if syn.method == "controlnet-template":
             content["controlnet"] = {"template_strength": cfg.controlnet_baseline.template_strength}
         self.fingerprint = _fingerprint(content)
+        # a store written before the sources were fingerprinted is resumed on everything else
+        self.legacy_fingerprint = _fingerprint({k: v for k, v in content.items() if k != "sources"})
         self.attrs = {
             "format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": self.fingerprint,
             "content": content, "seed": syn.seed, "candidates": self.layout.rows, "shard_size": syn.shard_size,
@@ -291,7 +294,7 @@ class SynthesisJob:
                 if not stored:
                     raise ValueError(f"{self.url}: a Zarr group without lgesynth's attributes, not a synthetic store; "
                                      "write to a new synthesis.store, or delete this one to start over")
-                if stored.get("fingerprint") != self.fingerprint:
+                if stored.get("fingerprint") not in (self.fingerprint, self.legacy_fingerprint):
                     changes = (config_changes(stored.get("content", {}), self.attrs["content"])
                                or [f"fingerprint {stored.get('fingerprint')} -> {self.fingerprint}"])
                     raise ValueError(

@@ -72,6 +72,17 @@ class SynthesisPlan:
             h.update(sid.encode() + b"\n")
         return h.hexdigest()
 
+    def sources_fingerprint(self) -> str:
+        """sha256 of the source slices the candidates are made from (name, image crop and label
+        of each, in plan order): a cohort made again under the same patient names with other
+        images (a phantom of another seed, re-exported scans) is another plan, not a resume."""
+        h = hashlib.sha256()
+        for row in np.unique(self.jobs[:, 0]):
+            h.update(self.slices.source[row].encode() + b"\n")
+            h.update(np.ascontiguousarray(self.slices.image[row], dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(self.slices.label[row], dtype=np.uint8).tobytes())
+        return h.hexdigest()
+
 
 def make_plan(arrays: SliceArrays, candidates_per_slice: int, seed: int, max_candidates: int = 0) -> SynthesisPlan:
     """The plan over the negative slices of ``arrays``: ``candidates_per_slice`` draws each; with
