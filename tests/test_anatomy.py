@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage.segmentation import find_boundaries
 
-from engine.anatomy import aha_segments, radial_depth, radial_layers, slice_levels
+from engine.anatomy import aha_segments, radial_depth, radial_layers, slice_levels, wall_share_depth
 from engine.anatomy.aha import TERRITORIES
 from engine.anatomy.captions import CONSTANT_CAPTION, caption
 from engine.anatomy.masks import (
@@ -337,6 +337,61 @@ def test_ellipsoid_transmurality_is_what_the_caption_reports():
         assert klass in text, (t, text)
 
 
+def test_wall_share_depth_counts_the_walls_pixels():
+    # a straight wall 10 pixels thick: pixel k's centre lies (k + 0.5) / 10 of the way through it,
+    # where radial_depth runs k / 9 from the first pixel's centre to the last one's
+    label = np.zeros((12, 40), np.uint8)
+    label[:, :20] = 1
+    label[:, 20:30] = 2
+    k = np.arange(10)
+    np.testing.assert_allclose(wall_share_depth(label)[5, 20:30], (k + 0.5) / 10)
+    np.testing.assert_allclose(radial_depth(label)[5, 20:30], k / 9)
+    assert np.isnan(wall_share_depth(label)[:, 30:]).all() and np.isnan(wall_share_depth(np.where(label == 1, 2, label))).all()
+
+
+@pytest.mark.parametrize("r_in, r_out", [(15, 22), (18, 30), (22, 29), (20, 35)])
+def test_ellipsoid_scar_keeps_to_its_layer(r_in, r_out):
+    # grown from the endocardium: reaches it; from the epicardium: reaches that; mid-wall: neither
+    label, _, _ = ring(r_in, r_out)
+    depth = radial_depth(label)  # 0 exactly on the endocardial border, 1 on the epicardial one
+    for centre in (10.0, 100.0, 225.0, 300.0):
+        for h in (0.15, 0.25, 0.4, 0.55, 0.75, 0.9, 1.0):
+            endo = depth[ellipsoid_scar_mask(label, ScarSpec(centre, 40.0, "subendocardial", h))]
+            epi = depth[ellipsoid_scar_mask(label, ScarSpec(centre, 40.0, "subepicardial", h))]
+            mid = depth[ellipsoid_scar_mask(label, ScarSpec(centre, 40.0, "mid-wall", h))]
+            assert endo.min() == 0.0 and (h > 0.75 or endo.max() < 1.0), (centre, h)
+            assert epi.max() == 1.0 and (h > 0.75 or epi.min() > 0.0), (centre, h)
+            assert mid.size and 0.0 < mid.min() and mid.max() < 1.0, (centre, h)
+
+
+@pytest.mark.parametrize(
+    "pattern_weights, min_agree",
+    [  # measured 0.872, 0.833, 0.894, 0.864 (0.742, 0.753, 0.894, 0.708 with the sampler's depth
+        # from the first pixel's centre to the last one's, e / (e + o))
+        (None, 0.85),
+        ({"ischemic": 1.0}, 0.8),
+        ({"midwall": 1.0}, 0.85),
+        ({"subepicardial": 1.0}, 0.83),
+    ],
+)
+def test_sampled_scars_are_captioned_in_the_class_they_were_drawn_in(pattern_weights, min_agree):
+    # walls 8 and 13 pixels thick, the LV centre on a pixel and off it; the ellipse's tapering and the
+    # pixel staircase leave a share of draws one class off, but the class drawn is the class captioned
+    cfg = ScarSamplerConfig(pattern_weights=pattern_weights) if pattern_weights else ScarSamplerConfig()
+    agree = layer = n = 0
+    for r_in, r_out, centre in [(15, 22, 64.0), (18, 30, 64.3), (20, 32, 63.6), (22, 29, 64.0)]:
+        label, _, _ = ring(r_in, r_out, centre=centre)
+        for level in ("basal", "mid", "apical"):
+            for seed in range(30):
+                mask, spec = sample_scar(label, level, np.random.default_rng(seed), cfg)
+                anatomy = describe_scar(apply_scar(label, mask), level)
+                n += 1
+                agree += anatomy.transmurality_class == transmurality_class(spec.transmurality)
+                layer += anatomy.layer == ("transmural" if anatomy.transmurality_class == "76-100%" else spec.layer)
+    assert agree / n >= min_agree, (agree, n)
+    assert layer / n >= 0.9, (layer, n)
+
+
 def test_sampler_is_seeded_and_respects_territories():
     label, _, _ = ring()
     cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0})
@@ -367,9 +422,36 @@ def test_sampler_config_refuses_a_pattern_with_no_class_to_draw():
     with pytest.raises(ValueError, match="pattern 'ischemic'"):
         ScarSamplerConfig(pattern_weights={"ischemic": 1.0}, ischemic_transmurality=(0.3, 0.45),
                           transmurality_weights={"26-50%": 0.0, "1-25%": 1.0})
+    # a class at 0 alone is fine (the others weigh 1)
+    assert ScarSamplerConfig(transmurality_weights={"1-25%": 0.0}).transmurality_weights == {"1-25%": 0.0}
     # a pattern that is never drawn may have no class left: every draw then succeeds
     cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0, "midwall": 0.0}, transmurality_weights=only_transmural)
     assert all(draw_scar_spec("mid", np.random.default_rng(s), cfg).transmurality > 0.75 for s in range(50))
+
+
+def test_sampler_config_refuses_segment_weights_that_leave_a_scar_nowhere():
+    zero = {str(s): 0.0 for s in range(1, 17)}
+    with pytest.raises(ValueError, match=r"segment_weights: every weight is 0 \(a missing key weighs 1\)"):
+        ScarSamplerConfig(segment_weights=zero)
+    # LAD on apical slices is segments 13 and 14 only: its scars there would have nowhere to go
+    with pytest.raises(ValueError, match=r"segment_weights: ischemic LAD scar on apical slices .* 13, 14, which all "
+                                         r"have weight 0; .* territory_weights\['LAD'\]"):
+        ScarSamplerConfig(segment_weights={"13": 0.0, "14": 0.0})
+    # subepicardial scar on apical slices is centred in lateral (16) by default
+    with pytest.raises(ValueError, match=r"segment_weights: subepicardial scar on apical slices .* segment\(s\) 16,"):
+        ScarSamplerConfig(segment_weights={"16": 0.0}, territory_weights={"LAD": 1.0})
+    # the same weights are fine where no such scar is drawn
+    cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0}, territory_weights={"RCA": 1.0},
+                            segment_weights={"13": 0.0, "14": 0.0, "16": 0.0})
+    assert {draw_scar_spec(level, np.random.default_rng(s), cfg).segment
+            for level in ("basal", "mid", "apical") for s in range(40)} == set(TERRITORIES["RCA"])
+    # one segment at 0 (the others weigh 1) is never a scar's centre
+    cfg = ScarSamplerConfig(pattern_weights={"ischemic": 1.0}, territory_weights={"LAD": 1.0}, segment_weights={"7": 0.0})
+    assert {draw_scar_spec("mid", np.random.default_rng(s), cfg).segment for s in range(40)} == {8}
+    # a config changed after it was checked is refused when drawing, never drawn uniformly
+    cfg.segment_weights["8"] = 0.0
+    with pytest.raises(ValueError, match="segment_weights: segments"):
+        draw_scar_spec("mid", np.random.default_rng(0), cfg)
 
 
 def test_sampler_reports_a_wall_too_thin():

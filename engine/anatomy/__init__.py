@@ -11,7 +11,15 @@ from engine.anatomy.aha import (
     segment_of_angle,
     slice_levels,
 )
-from engine.anatomy.geometry import LAYER_NAMES, heart_box, lv_centre, polar_angle, radial_depth, radial_layers
+from engine.anatomy.geometry import (
+    LAYER_NAMES,
+    heart_box,
+    lv_centre,
+    polar_angle,
+    radial_depth,
+    radial_layers,
+    wall_share_depth,
+)
 from engine.anatomy.captions import CONSTANT_CAPTION, caption
 from engine.anatomy.labels import cavity_region, is_positive, myocardium_region, scar_region
 from engine.anatomy.masks import ScarSamplerConfig, ScarSpec, apply_scar, edge_map, ellipsoid_scar_mask, sample_scar
@@ -24,5 +32,5 @@ __all__ = [
     "LAYER_NAMES", "LEVELS", "LEVEL_SEGMENTS", "SEGMENT_NAMES", "TERRITORIES",
     "aha_segments", "cavity_region", "heart_box", "is_positive", "lv_centre", "myocardium_region",
     "polar_angle", "radial_depth", "radial_layers", "scar_region", "segment_centre_angle",
-    "segment_of_angle", "slice_levels",
+    "segment_of_angle", "slice_levels", "wall_share_depth",
 ]

@@ -72,6 +72,30 @@ def polar_angle(shape: tuple[int, int], centre: tuple[float, float], offset: tup
     return np.degrees(np.arctan2(-rows, cols)) % 360.0
 
 
+def _wall_distances(label: np.ndarray):
+    """``(box, myo, e, o)`` of the slice's heart box: the myocardium and every pixel's Euclidean
+    distance (scipy's exact EDT, pixels) to the endocardial border (the myocardium's pixels
+    8-adjacent to the cavity, ``e = 0`` on them) and to the epicardial border (those 8-adjacent to
+    the outside, ``o = 0``); None without a myocardium, a cavity or either border."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"radial depth expects a 2D label slice, got shape {label.shape}")
+    box = heart_box(label, margin=2)
+    if box is None:
+        return None
+    sub = label[box.slices()]
+    myo = myocardium_region(sub)
+    cavity = cavity_region(sub)
+    if not myo.any() or not cavity.any():
+        return None
+    eight = np.ones((3, 3), dtype=bool)
+    endo = myo & ndimage.binary_dilation(cavity, structure=eight)
+    epi = myo & ndimage.binary_dilation(~(myo | cavity), structure=eight)
+    if not endo.any() or not epi.any():
+        return None
+    return box, myo, ndimage.distance_transform_edt(~endo), ndimage.distance_transform_edt(~epi)
+
+
 def radial_depth(label: np.ndarray) -> np.ndarray:
     """Normalized transmural depth of every myocardium pixel (DOMAIN.md section 2).
 
@@ -87,33 +111,39 @@ def radial_depth(label: np.ndarray) -> np.ndarray:
         float64 array shaped like ``label``: depth in [0, 1] inside the myocardium, NaN elsewhere,
         and NaN everywhere when the slice has no cavity (depth is undefined beyond the cavity).
     """
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"radial_depth expects a 2D label slice, got shape {label.shape}")
-    depth = np.full(label.shape, np.nan)
-    box = heart_box(label, margin=2)
-    if box is None:
+    depth = np.full(np.shape(label), np.nan)
+    wall = _wall_distances(label)
+    if wall is None:
         return depth
-    sub = label[box.slices()]
-    myo = myocardium_region(sub)
-    cavity = cavity_region(sub)
-    if not myo.any() or not cavity.any():
-        return depth
-    outside = ~(myo | cavity)
-    # The endocardial / epicardial borders are the myocardium pixels 8-adjacent to the cavity /
-    # the outside; e and o are Euclidean distances to those border pixels (0 on them).
-    eight = np.ones((3, 3), dtype=bool)
-    endo = myo & ndimage.binary_dilation(cavity, structure=eight)
-    epi = myo & ndimage.binary_dilation(outside, structure=eight)
-    if not endo.any() or not epi.any():
-        return depth
-    e = ndimage.distance_transform_edt(~endo)
-    o = ndimage.distance_transform_edt(~epi)
+    box, myo, e, o = wall
     total = e + o
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.5)
-    sub_depth = np.where(myo, np.clip(d, 0.0, 1.0), np.nan)
-    depth[box.slices()] = sub_depth
+    depth[box.slices()] = np.where(myo, np.clip(d, 0.0, 1.0), np.nan)
+    return depth
+
+
+def wall_share_depth(label: np.ndarray) -> np.ndarray:
+    """Depth of every myocardium pixel as the share of the wall's pixels it lies within, counted from
+    the endocardium: ``(e + 0.5) / (e + o + 1)``, with :func:`radial_depth`'s ``e`` and ``o``.
+
+    The wall through a pixel is ``e + o + 1`` pixels thick and the pixel's centre lies ``e + 0.5``
+    pixels in, so keeping the pixels of depth ``< h`` keeps about ``round(h * N)`` of an N-pixel
+    wall: the share :mod:`engine.anatomy.transmurality` measures. ``radial_depth``'s ``e / (e + o)``
+    runs from the first pixel's centre to the last one's, so ``d < h`` keeps ``ceil(h * (N - 1))``:
+    less than h of the wall above 0.5, more below. Symmetric: ``1 - depth`` is the share counted from
+    the epicardium. A one-pixel wall's pixel gets 0.5.
+
+    Returns:
+        float64 array shaped like ``label``: depth in (0, 1) inside the myocardium, NaN elsewhere,
+        and NaN everywhere when the slice has no cavity (as ``radial_depth``).
+    """
+    depth = np.full(np.shape(label), np.nan)
+    wall = _wall_distances(label)
+    if wall is None:
+        return depth
+    box, myo, e, o = wall
+    depth[box.slices()] = np.where(myo, (e + 0.5) / (e + o + 1.0), np.nan)
     return depth
 
 
