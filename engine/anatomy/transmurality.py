@@ -69,9 +69,10 @@ class ScarAnatomy:
             ``min_segment_share`` of the slice's scar (radially weighted), the largest always counts.
         segment_extent: transmural extent (0-1) per segment holding any scar.
         transmurality: the largest extent over the listed segments.
-        layer: where the scar sits: "subendocardial" (reaches the endocardium), "subepicardial"
-            (reaches the epicardium but not the endocardium), "mid-wall" (neither), or
-            "transmural" (extent class 76-100%).
+        layer: where the scar sits, by DOMAIN.md's thirds of the wall, from the median over its
+            rays of its innermost and outermost depth: "subendocardial" (its inner edge in the
+            inner third), "subepicardial" (else its outer edge in the outer third), "mid-wall"
+            (neither), or "transmural" (extent class 76-100%).
         mvo: whether the slice holds microvascular obstruction (label 4).
     """
 
