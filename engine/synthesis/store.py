@@ -1069,7 +1069,7 @@ class SyntheticDataset:
         self.url, self.transform = url, transform
         self.storage_options = dict(storage_options or {})
         group = open_store(url, "r", self.storage_options)
-        missing = [name for name in (*IMAGE_ARRAYS, "passed", "sample_id", MARKER) if name not in group]
+        missing = [name for name in (*IMAGE_ARRAYS, "passed", "sample_id") if name not in group]
         if missing:
             raise ValueError(f"{url}: not a synthetic store, missing arrays {missing}")
         passed = np.asarray(read_arrays(group, ("passed",))["passed"], dtype=bool)
