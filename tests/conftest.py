@@ -46,6 +46,11 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 # Ray Train starts a PreemptionWatcher actor with every run (a new process: ~3 s of a core here) to
 # drain workers of nodes a cloud provider is about to reclaim; two loopback nodes are never reclaimed.
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# The session's fail point folder (engine.failpoints), in the environment before the nodes start, so
+# that this process, the drivers the tests start and every Ray worker of the session cluster read it:
+# a test arms a point there (fixture `failpoints`) to hold a run where an interrupt must land.
+FAILPOINTS_DIR = Path(tempfile.mkdtemp(prefix="lgesynth-failpoints-"))
+os.environ["LGESYNTH_FAILPOINTS_DIR"] = str(FAILPOINTS_DIR)
 NODE_MEMORY = 2 * 1024**3  # logical memory per node; each node would otherwise claim the whole machine
 NODE_OBJECT_STORE = 200 * 1024**2
 START_TIMEOUT_S = 90
@@ -182,6 +187,58 @@ def ray_cluster():
         _stop_nodes(nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+
+class FailPoints:
+    """The test side of :mod:`engine.failpoints` in the session's folder: ``arm(point, at=1)``, then
+    ``wait(point, timeout_s, alive=None)`` for the paused process's record (``pid``, the point's
+    info), ``release(point)``; every point is disarmed after the test."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def arm(self, point: str, at: int = 1) -> None:
+        from engine import failpoints
+
+        failpoints.arm(self.folder, point, at)
+
+    def wait(self, point: str, timeout_s: float, alive=None) -> dict:
+        from engine import failpoints
+
+        return failpoints.wait_paused(self.folder, point, timeout_s, alive)
+
+    def release(self, point: str) -> None:
+        from engine import failpoints
+
+        failpoints.release(self.folder, point)
+
+    def disarm(self, point: str) -> None:
+        from engine import failpoints
+
+        failpoints.disarm(self.folder, point)
+
+    def disarm_all(self) -> None:
+        from engine import failpoints
+
+        for point in failpoints.POINTS:
+            failpoints.disarm(self.folder, point)
+
+
+@pytest.fixture
+def failpoints():
+    """Fail points to hold a run where a test's interrupt, kill or freeze must land (see FailPoints)."""
+    points = FailPoints(FAILPOINTS_DIR)
+    points.disarm_all()
+    try:
+        yield points
+    finally:
+        points.disarm_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _failpoints_folder_removed():
+    yield
+    shutil.rmtree(FAILPOINTS_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

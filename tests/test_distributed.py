@@ -246,18 +246,15 @@ except KeyboardInterrupt as err:
 """
 
 
-def _driver_until_checkpoint(ray_cluster, run_dir: str, after_step: int, started: float) -> tuple[subprocess.Popen, str]:
-    """A driver process running the slow toy fit, and its first checkpoint past ``after_step``."""
-    slow = {**TOY, "step_seconds": 0.3}
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(slow), run_dir],
+def _driver_held_at_checkpoint(ray_cluster, run_dir: str, failpoints) -> tuple[subprocess.Popen, int]:
+    """A driver process running the toy fit, held (a fail point) at its first checkpoint: the driver
+    and that checkpoint's step."""
+    failpoints.arm("train.checkpoint")
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(TOY), run_dir],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = None
-    while seen is None or read_checkpoint_state(seen)["step"] <= after_step:
-        assert driver.poll() is None, f"driver exited early with {driver.returncode}: {driver.communicate()[1][-2000:]}"
-        assert time.perf_counter() - started < 150, f"no checkpoint past step {after_step} within 150 s"
-        time.sleep(0.1)
-        seen = latest_checkpoint_path(run_dir, "toy-driver")
-    return driver, seen
+    held = failpoints.wait("train.checkpoint", 150, alive=lambda: driver.poll() is None)
+    assert held["run"] == "toy-driver"
+    return driver, held["step"]
 
 
 def _cpus_back(started: float) -> None:
@@ -270,7 +267,8 @@ def _cpus_back(started: float) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path):
+def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_run, ray_cluster, tmp_path,
+                                                                     failpoints):
     """The driver dies mid-run twice: Ctrl-C (SIGINT: Ray Train aborts the run; fit raises
     KeyboardInterrupt rather than Ray's bare SystemExit(1)), then, in the driver that continued the
     run, SIGKILL (no cleanup). Each next fit continues from the last checkpoint, and the run ends
@@ -278,7 +276,7 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
     _, _, uninterrupted = completed_run
     run_dir = str(tmp_path)
     started = time.perf_counter()
-    driver, _ = _driver_until_checkpoint(ray_cluster, run_dir, 0, started)
+    driver, interrupted_at = _driver_held_at_checkpoint(ray_cluster, run_dir, failpoints)
     try:
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=60)
@@ -287,15 +285,16 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
-    interrupted_at = read_checkpoint_state(latest_checkpoint_path(run_dir, "toy-driver"))["step"]
-    assert interrupted_at < 16, "the interrupted run had finished: make its steps slower"
+    assert interrupted_at == 4  # the first checkpoint (every 4 steps of 16)
+    assert read_checkpoint_state(latest_checkpoint_path(run_dir, "toy-driver"))["step"] == interrupted_at
     _cpus_back(started)
 
-    driver, seen = _driver_until_checkpoint(ray_cluster, run_dir, interrupted_at, started)
+    driver, killed_at = _driver_held_at_checkpoint(ray_cluster, run_dir, failpoints)  # held at its first checkpoint
     os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleanup
     driver.communicate()
-    killed_at = read_checkpoint_state(seen)["step"]
-    assert killed_at < 16, "the second driver's run had finished: make its steps slower"
+    assert killed_at == 8
+    assert read_checkpoint_state(latest_checkpoint_path(run_dir, "toy-driver"))["step"] == killed_at
+    failpoints.disarm("train.checkpoint")
     _cpus_back(started)
 
     handler = signal.getsignal(signal.SIGINT)
@@ -308,7 +307,7 @@ def test_fit_after_the_driver_died_resumes_from_its_last_checkpoint(completed_ru
     assert state["step"] == 16
     starts = state["start_steps"]
     assert len(starts) == 3 and starts[0] == 0, starts
-    assert interrupted_at <= starts[1] < killed_at <= starts[2] < 16, starts  # each from the last checkpoint
+    assert starts[1:] == [interrupted_at, killed_at], starts  # each from the last checkpoint
     for key in uninterrupted:
         torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=0)
 

@@ -339,16 +339,17 @@ def test_a_tiny_sweep_on_ray_tune_writes_its_results_and_resumes_without_rerunni
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(ray_cluster, tmp_path_factory):
-    """`lgesynth sweep` on the cluster, Ctrl-C (SIGINT) while its trials train: exit 130 with one line
+def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(ray_cluster, tmp_path_factory,
+                                                                               failpoints):
+    """`lgesynth sweep` on the cluster, Ctrl-C (SIGINT) while its trial trains: exit 130 with one line
     and no results; the same command restores the experiment and runs the trials that were running.
     (Ray Tune's own handler recorded them as finished without a result and returned: the sweep read
-    them as failed, and a restore never ran them again.)"""
+    them as failed, and a restore never ran them again.) The trial's training is held (a fail point)
+    at its first checkpoint, where the Ctrl-C lands."""
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     from engine.config import dump_config
     from engine.evaluation.sweep import sweep
@@ -358,25 +359,23 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
 
     held_before = cpu_held()
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
-    slow = ["downstream.loop.epochs=100", "downstream.loop.max_steps=12"]  # still training at the interrupt
-    cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, *slow, "sweep.methods=[paste]",
+    cfg = tiny_config(base, run_dir, [*store_args, *DOWNSTREAM_TINY, "sweep.methods=[paste]",
                                       "sweep.n_synthetic=[2]", "sweep.thresholds=[-1.0]", "sweep.seeds=[0]",
                                       "sweep.name=interrupted"])  # one trial: its Train run is what matters
     dump_config(cfg, run_dir / "sweep.yaml")
     out = run_dir / "sweeps" / "interrupted"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1])}
+    failpoints.arm("train.checkpoint")
     driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", "--config", str(run_dir / "sweep.yaml")],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*/params.json")):  # the trials have started
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
-            time.sleep(0.1)
-        time.sleep(2.0)
+        held = failpoints.wait("train.checkpoint", 180, alive=lambda: driver.poll() is None)
+        assert list(out.glob("*/params.json")) and held["pid"] != driver.pid  # a trial's Train worker
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:
         driver.kill()
+    failpoints.disarm("train.checkpoint")
     assert driver.returncode == 130, err[-3000:]
     assert "lgesynth sweep: interrupted: the finished trials are kept; the same command resumes the sweep" in err
     assert not (out / "sweep.json").exists() and not (out / "results.md").exists()

@@ -513,12 +513,12 @@ def test_shard_watch_logs_the_progress_read_from_the_store(tmp_path):
     with _watch_shards(url, None, 0.0, progress, 0.1, log=lines.append):
         for shard in range(4):
             group[MARKER][shard] = 1
-            time.sleep(0.3)
-        deadline = time.monotonic() + 20
-        while not any(line.startswith("synthesis: 4 of 4 shards") for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            deadline = time.monotonic() + 20  # the next shard lands once the watcher has logged this one
+            while not any(line.startswith(f"synthesis: {shard + 1} of 4 shards") for line in lines):
+                assert time.monotonic() < deadline, f"no progress line for shard {shard}: {lines}"
+                time.sleep(0.02)
     counts = [int(line.split()[1]) for line in lines]
-    assert counts and counts == sorted(counts) and counts[-1] == 4 and len(set(counts)) >= 3, lines
+    assert counts == sorted(counts) and set(counts) == {1, 2, 3, 4}, lines
     assert "(8 of 8 candidates, 100%)" in lines[-1]
     silent: list[str] = []
     with _watch_shards(url, None, 0.0, progress, 0.0, log=silent.append):  # no interval, no stall timeout: no thread
@@ -824,32 +824,31 @@ def test_job_entrypoints_take_a_config_and_overrides(job):
         module.parse_args([])
 
 
-def test_ctrl_c_during_synthesize_says_what_stays_and_the_same_command_finishes(base, tmp_path, capsys):
+def test_ctrl_c_during_synthesize_says_what_stays_and_the_same_command_finishes(base, tmp_path, capsys, failpoints):
     """Ctrl-C (SIGINT) of `lgesynth synthesize` in the middle of a run: exit 130 with one line, no
-    traceback; the same command then makes only the shards that were not complete."""
+    traceback; the same command then makes only the shards that were not complete. The run is held
+    (a fail point) with its second shard stored but not yet marked complete, where the Ctrl-C lands."""
     import signal
     import subprocess
     import sys
-    import time
 
     from engine.config import dump_config
 
-    cfg = tiny_config(base, tmp_path, ["synthesis.candidates_per_slice=6", "synthesis.num_inference_steps=4"])
+    cfg = tiny_config(base, tmp_path, ["synthesis.num_inference_steps=2"])
     dump_config(cfg, tmp_path / "c.yaml")
     url = cfg.synthesis.store_url(cfg.run_dir)
     command = [sys.executable, "-m", "engine.cli", "synthesize", "--config", str(tmp_path / "c.yaml"), "--sequential"]
+    failpoints.arm("store.shard_complete", at=2)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (Path(url) / "shard_complete" / "c.0").exists():  # the first shard is written
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        held = failpoints.wait("store.shard_complete", 120, alive=lambda: proc.poll() is None)
+        assert held["pid"] == proc.pid and held["shard"] == 1
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     done = completed_shards(open_store(url))
-    assert 1 <= done.sum() < len(done), "the run ended before the interrupt: make it longer"
+    assert done.tolist() == [True] + [False] * (len(done) - 1)  # shard 1's objects are stored, not its flag
     assert proc.returncode == 130, err
     assert "lgesynth synthesize: interrupted: the shards already written stay complete" in err
     assert "Traceback" not in err

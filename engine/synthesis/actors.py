@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import failpoints
 from engine.anatomy.labels import MYOCARDIUM, SCAR
 
 
@@ -168,6 +169,7 @@ def generated_rows(batch: dict[str, Any], generate) -> dict[str, Any]:
     noise_seeds)``, less what the filter does not need (less to move between actors)."""
     rows = []
     for row in _rows(batch):
+        failpoints.reach("synthesis.generate", shard=int(row["shard"]))
         meta = json.loads(str(row["meta"]))
         generated = generate({**row, "caption": meta["caption"]}, meta["noise_seed"])
         rows.append({k: v for k, v in row.items() if k not in ("image", "mask")} | {"generated": generated})

@@ -17,8 +17,8 @@ that step, once per run (a marker file in the run dir stops the restarted attemp
 again), after waiting until its reports are committed so the checkpoint to resume from is known.
 
 Config keys (all optional): ``seed`` 0, ``epochs`` 2, ``samples`` 256, ``batch_size`` 16 (per
-worker), ``lr`` 0.01, ``crash_at_step`` None, ``crash_rank`` 1, ``step_seconds`` 0 (a pause after
-each step, to make a run slow enough to interrupt from outside).
+worker), ``lr`` 0.01, ``crash_at_step`` None, ``crash_rank`` 1. A test holds a run where it interrupts
+it from outside with the ``train.checkpoint`` fail point (:mod:`engine.failpoints`).
 """
 
 from __future__ import annotations
@@ -97,8 +97,6 @@ def toy_train_fn(config: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         step += 1
         steps_since_report += 1
-        if config.get("step_seconds"):
-            time.sleep(float(config["step_seconds"]))
         loss_sum += loss.detach().double().cpu()
 
         at_checkpoint = step % run.train.checkpoint_every_steps == 0 or step == total_steps

@@ -68,6 +68,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from torch import nn
 
+from engine import failpoints
 from engine.config import config_changes
 from engine.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -677,6 +678,24 @@ def report(
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)  # rank 0's checkpoint dir name is broadcast to all
         return
+    _report_checkpoint(metrics, models, optimizers, schedulers, state, config)
+    # a test's hold (engine.failpoints), on rank 0 (the others wait for it at the next collective):
+    # once the checkpoint is committed, so that it is the one an interrupted run resumes from
+    failpoints.reach("train.checkpoint", before_pause=wait_for_commit, run=_run_name(), step=metrics.get("step"))
+
+
+def _run_name() -> str:
+    if _in_process_run is not None:
+        return os.path.basename(_in_process_run.experiment)
+    import ray.train
+
+    return ray.train.get_context().get_experiment_name()
+
+
+def _report_checkpoint(metrics, models, optimizers, schedulers, state, config) -> None:
+    """Rank 0's checkpointed report (see :func:`report`)."""
+    import ray.train
+
     saved_state = dict(state)
     saved_state.setdefault("metrics", metrics)
     step = saved_state.get("step")
