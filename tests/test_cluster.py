@@ -359,16 +359,21 @@ def _submit(dashboard: str, submission_id: str, entrypoint: list[str], timeout: 
     return done.stdout + done.stderr + client.get_job_logs(submission_id)
 
 
-def _kill_driver_when_shards_complete(store: Path, count: int, driver_marker: str, timeout: float = 240.0) -> dict:
-    """Once ``count`` shards of the local store are complete: SIGKILL the job's driver (the process
-    group Ray's job supervisor started the entrypoint in) and return what the store held then:
-    ``{"kept": complete shard indices, "objects": their object files -> (inode, mtime_ns)}``."""
+def _kill_driver_when_held_and_complete(failpoints, store: Path, count: int, driver_marker: str,
+                                       timeout: float = 240.0) -> dict:
+    """Once a writer of the job is held before a shard's completion flag (fail point
+    ``store.shard_complete``, armed by the caller at a reach after ``count``: the run cannot end
+    while it is held, and the earlier reaches complete their shards) and ``count`` shards of the local store are
+    complete: SIGKILL the job's driver (the process group Ray's job supervisor started the entrypoint
+    in) and return what the store held then: ``{"kept": complete shard indices, "objects": their
+    object files -> (inode, mtime_ns)}``."""
     import numpy as np
     import psutil
 
     from engine.synthesis.store import completed_shards, open_store
 
     deadline = time.monotonic() + timeout
+    failpoints.wait("store.shard_complete", timeout)
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):  # the store does not exist yet or is being created
             done = completed_shards(open_store(str(store), "r"))
@@ -403,7 +408,7 @@ def _shard_objects(store: Path, shards: set[int]) -> dict[str, tuple[int, int]]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_path_factory):
+def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_path_factory, failpoints):
     import psutil
 
     from engine.config import to_dict
@@ -447,13 +452,17 @@ def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_
         status = _script("status", "--state", str(state_dir), "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["ray_alive_nodes"] == ["127.0.0.2", "127.0.0.3"]
 
-        # the synthesis job's driver is killed once 2 of its 10 shards are stored; the job submitted
-        # again makes only the shards missing, and no object of a complete shard is written again
+        # the synthesis job's driver is killed once 2 of its 10 shards are complete and the writer of
+        # a third is held before its flag (the cluster's processes share the test session's fail
+        # point folder); the job submitted again makes only the shards missing, and no object of a
+        # complete shard is written again
         store = run_dir / "synthetic.zarr"
         synthesize = ["python", "jobs/synthesize.py", "--config", str(config)]
         killed_id = f"synthesize-killed-{state['cluster_id']}"
+        failpoints.arm("store.shard_complete", at=3)
         logs = _submit(dashboard, killed_id, synthesize, 60, wait=False)
-        at_kill = _kill_driver_when_shards_complete(store, 2, f"jobs/synthesize.py --config {config}")
+        at_kill = _kill_driver_when_held_and_complete(failpoints, store, 2, f"jobs/synthesize.py --config {config}")
+        failpoints.disarm("store.shard_complete")
         phase(f"driver killed with {len(at_kill['kept'])} of {at_kill['total']} shards complete")
         from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -463,7 +472,7 @@ def test_a_local_two_node_cluster_runs_submitted_jobs_and_stops_only_itself(tmp_
             assert time.monotonic() < deadline, "the killed driver's job did not end"
             time.sleep(0.5)
         assert client.get_job_status(killed_id) == JobStatus.FAILED
-        assert 0 < len(at_kill["kept"]) < at_kill["total"] and at_kill["objects"]
+        assert 2 <= len(at_kill["kept"]) < at_kill["total"] and at_kill["objects"]
         logs += _submit(dashboard, f"synthesize-{state['cluster_id']}", synthesize, 240)
         already = int(re.search(r'"shards_already_complete": (\d+)', logs).group(1))
         # Ray kills the dead driver's tasks, but a write task may finish its shard first, after the

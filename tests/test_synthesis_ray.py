@@ -132,12 +132,21 @@ def _failure_config(kind: str, base, tmp_path, s3_endpoint):
     return cfg, url, options
 
 
-def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0, storage_options=None) -> dict:
-    """Run ``action()`` in a thread once ``count`` shards of ``url`` are complete; what it saw."""
+def _when_held_and_complete(failpoints, point: str, at: int, url: str, count: int, action, timeout: float = 240.0,
+                            storage_options=None) -> dict:
+    """In a thread: once a process is held at the ``at``-th reach of fail point ``point`` (armed here:
+    the run cannot end while it is held) and ``count`` shards of ``url`` are complete,
+    ``action(held)`` with the held process's record; what it saw.
+
+    Held at ``store.shard_complete``, shards complete for certain: the reaches before the held one
+    mark theirs. Held at ``synthesis.generate``, maybe none: Ray Data gathers an actor task's output
+    rows into one block, so the shards the held task made before are not passed on while it is held."""
     seen: dict = {}
+    failpoints.arm(point, at=at)
 
     def watch():
         deadline = time.monotonic() + timeout
+        seen["held"] = failpoints.wait(point, timeout)
         while time.monotonic() < deadline:
             try:
                 done = completed_shards(open_store(url, "r", storage_options))
@@ -146,9 +155,9 @@ def _when_shards_complete(url: str, count: int, action, timeout: float = 240.0, 
             if done.size and done.sum() >= count:
                 seen["complete_at_action"] = int(done.sum())
                 seen["total"] = int(done.size)
-                seen["result"] = action()
+                seen["result"] = action(seen["held"])
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -164,34 +173,21 @@ def _exactly_once(url: str, reference, storage_options=None) -> None:
     _same_store(url, reference, storage_options)
 
 
-def _kill_when_busy(text: str, after_s: float, earlier: set[int], timeout: float = 240.0) -> dict:
-    """In a thread: SIGKILL the processes titled ``text`` (not those of ``earlier``) once one of them
-    has worked for ``after_s`` seconds and is working still (Ray titles an actor running a method
-    ``ray::<actor>.<method>``: Ray Data's actor pool calls ``submit`` once a batch). It watches the
-    actor, not the store: on two cores the diffusion actor can make every shard before the first
-    is stored (the filter actor's start-up alone takes seconds)."""
+def _kill_when_held(failpoints, earlier: set[int], timeout: float = 240.0) -> dict:
+    """In a thread: SIGKILL the diffusion actor once it is held (fail point ``synthesis.generate``,
+    armed here) as it starts its second shard: it has made one and is at work on the next."""
     seen: dict = {}
-
-    def title(pid: int) -> str:
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        return ""
+    failpoints.arm("synthesis.generate", at=2)
 
     def watch():
-        deadline, pids, found_at, first = time.monotonic() + timeout, [], 0.0, None
-        while time.monotonic() < deadline:
-            if time.monotonic() - found_at > 0.5:  # the actor's process, looked up twice a second
-                pids, found_at = [pid for pid in _pids(text) if pid not in earlier], time.monotonic()
-            busy = [pid for pid in pids if title(pid).rstrip().endswith(".submit")]
-            if busy and first is None:
-                first = time.monotonic()
-            if busy and time.monotonic() - first >= after_s:
-                for pid in busy:
-                    os.kill(pid, signal.SIGKILL)
-                seen["result"] = busy
-                return
-            time.sleep(0.01)
-        seen["busy_seen"] = first is not None
+        held = failpoints.wait("synthesis.generate", timeout)
+        actors = set(_pids("DiffusionActor")) - earlier
+        if held["pid"] in actors:
+            os.kill(held["pid"], signal.SIGKILL)
+            seen["result"] = held
+        else:
+            seen["not_an_actor"] = (held, sorted(actors))
+        failpoints.disarm("synthesis.generate")
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -218,8 +214,8 @@ def _watch_nodes(roles: tuple[str, ...]) -> dict:
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
 def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_lands_once(
-        ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind, capsys):
-    """A diffusion actor killed while it generates, a second into its work (10 shards), is replaced;
+        ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind, capsys, failpoints):
+    """A diffusion actor killed while it generates, as it starts its second shard of 10, is replaced;
     the shards it held are made again and every candidate is stored once, as the sequential loop
     makes it. ``synthesis.*.resources`` place each pool, the replacement too (by Ray's per-node
     resource: the diffusion actors on the head, the filter actor on the worker node, where Ray's own
@@ -233,7 +229,7 @@ def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_land
     cfg.synthesis.diffusion.resources = {f"node:{HEAD_IP}": 0.01}
     cfg.synthesis.filter.resources = {f"node:{WORKER_IP}": 0.01}
     placed = _watch_nodes(("DiffusionActor", "FilterActor"))
-    killed = _kill_when_busy("DiffusionActor", 1.0, earlier=set(_pids("DiffusionActor")))
+    killed = _kill_when_held(failpoints, earlier=set(_pids("DiffusionActor")))
     lines: list[str] = []
     try:
         summary = synthesize(cfg, log=lines.append)
@@ -241,7 +237,7 @@ def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_land
         placed["stop"].set()
         placed["thread"].join(5)
         killed["thread"].join(5)
-    assert killed.get("result"), f"no diffusion actor was killed (seen at work: {killed.get('busy_seen')})"
+    assert killed.get("result"), f"no diffusion actor was killed: {killed}"
     assert placed["nodes"] == {"DiffusionActor": {HEAD_IP}, "FilterActor": {WORKER_IP}}
     assert summary["written"] == 20 and summary["shards_complete"] == 10 and summary["candidates_per_s"] > 0
     progress = [line for line in lines if " shards complete (" in line]
@@ -257,9 +253,11 @@ def test_killed_diffusion_actor_is_replaced_on_its_node_and_every_candidate_land
 
 
 @pytest.mark.parametrize("kind", ["local", "memory", "s3"])
-def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind):
-    """The worker node, holding the pipeline's actors, is killed once 2 of the 10 shards are complete,
-    and a new node takes its place (as KubeRay replaces a lost pod): Ray starts the actors again on
+def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_reference, tmp_path, s3_endpoint, kind,
+                                                     failpoints):
+    """The worker node, holding the pipeline's actors, is killed while the diffusion actor is at work
+    on its third shard of 10 (held there by a fail point, so the run is still going), and a new node
+    takes its place (as KubeRay replaces a lost pod): Ray starts the actors again on
     it and every candidate is stored once. ``synthesis.*.resources`` place both pools on the worker
     node, by Ray's per-node resource, which the new node offers again (until it joins, the actors'
     restarts wait for it). A local folder and S3 are written by Ray tasks, on either node; memory://
@@ -272,25 +270,27 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_ref
     placed = _watch_nodes(("DiffusionActor", "FilterActor"))
     node = {"killed": False, "replaced": False}
 
-    def kill_and_replace_the_worker_node():
+    def kill_and_replace_the_worker_node(held_actor):
         held = {role: sorted({_node_of(pid) for pid in _pids(role) if pid not in earlier} - {""})
                 for role in ("DiffusionActor", "FilterActor")}
+        held["held_actor_node"] = _node_of(held_actor["pid"])
         node["killed"] = True
         ray_cluster["kill_worker"]()
+        failpoints.disarm("synthesis.generate")
         ray_cluster["start_worker"]()
         node["replaced"] = True
         return held
 
-    seen = _when_shards_complete(url, 2, kill_and_replace_the_worker_node, storage_options=options)
+    seen = _when_held_and_complete(failpoints, "synthesis.generate", 3, url, 0, kill_and_replace_the_worker_node,
+                                   storage_options=options)
     try:
         summary = synthesize(cfg, log=QUIET)
         seen["thread"].join(5)
         assert seen.get("result"), "the worker node was not killed and replaced"
         assert seen["complete_at_action"] < seen["total"], "the run ended before the node was killed"
-        # the actors still at work when the node died were on it (the diffusion actor may have made
-        # every shard already: a filter actor slower to start than it lags behind)
+        # the actors at work when the node died were on it, the held diffusion actor too
         held = seen["result"]
-        assert held["FilterActor"] == [WORKER_IP] and set(held["DiffusionActor"]) <= {WORKER_IP}, held
+        assert held == {"FilterActor": [WORKER_IP], "DiffusionActor": [WORKER_IP], "held_actor_node": WORKER_IP}, held
         assert summary["written"] == 20 and summary["shards_complete"] == 10
         _exactly_once(url, slow_reference(cfg.synthesis.num_inference_steps), options)
     finally:
@@ -304,9 +304,10 @@ def test_lost_worker_node_and_the_run_completes_once(ray_cluster, base, slow_ref
 
 
 def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, base, slow_reference, tmp_path,
-                                                                  s3_endpoint):
+                                                                  s3_endpoint, failpoints):
     """A frozen diffusion actor (SIGSTOP: alive to Ray, doing nothing) stalls Ray Data for good; the
-    engine notices that no shard completes, stops the pipeline and starts it again on the rest."""
+    engine notices that no shard completes, stops the pipeline and starts it again on the rest. The
+    actor is frozen as it starts its first shard (held there by a fail point)."""
     cfg, url, _ = _failure_config("local", base, tmp_path, s3_endpoint)
     # the frozen pipeline is stopped after 24 s; the restarted one's new actors get 48 s to start and
     # store a shard: on a loaded two-core VM their start alone took 30 s (a window of 20 s stalled
@@ -314,14 +315,14 @@ def test_a_stalled_pipeline_is_started_again_on_the_shards_missing(ray_cluster, 
     cfg.synthesis.stall_timeout_s, cfg.synthesis.stall_restarts = 24.0, 1
     cfg.synthesis.num_inference_steps = 4  # the actor is frozen as it starts: no need of a slow run
     frozen: list[int] = []
+    failpoints.arm("synthesis.generate")
 
-    def freeze_the_first_diffusion_actor():  # as it starts: later, it may have made every shard already
-        deadline = time.monotonic() + 120
-        while not frozen and time.monotonic() < deadline:
-            for pid in set(_pids("DiffusionActor")) - earlier:  # not a previous run's, on its way out
-                os.kill(pid, signal.SIGSTOP)
-                frozen.append(pid)
-            time.sleep(0.02)
+    def freeze_the_first_diffusion_actor():  # as it starts its first shard
+        pid = failpoints.wait("synthesis.generate", 120)["pid"]
+        assert pid in set(_pids("DiffusionActor")) - earlier  # not a previous run's, on its way out
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(pid)
+        failpoints.disarm("synthesis.generate")  # the restarted pipeline's actor goes on
 
     def log(line: str) -> None:
         lines.append(line)
@@ -392,9 +393,10 @@ def _writes(url: str, shards, storage_options) -> dict:
     return versions
 
 
-def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, slow_reference, tmp_path, s3_endpoint):
+def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base, slow_reference, tmp_path, s3_endpoint,
+                                                              failpoints):
     cfg, url, options = _failure_config("s3", base, tmp_path, s3_endpoint)
-    # killed once 2 of the 10 shards are stored, not by time: a shard of 4 steps leaves 8 to make
+    # killed once 2 of the 10 shards are complete and a third one's writer is held before its flag
     cfg.synthesis.num_inference_steps = 4
     config = tmp_path / "run.yaml"
     dump_config(cfg, config)
@@ -404,15 +406,16 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
            "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "6", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
     driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    seen = _when_shards_complete(url, 2, lambda: os.killpg(driver.pid, signal.SIGKILL) or True,
-                                 storage_options=options)
+    seen = _when_held_and_complete(failpoints, "store.shard_complete", 3, url, 2,
+                                   lambda held: os.killpg(driver.pid, signal.SIGKILL) or True, storage_options=options)
     try:
         driver.wait(timeout=300)
         seen["thread"].join(5)
-        assert seen.get("result"), "the driver finished before it could be killed"
+        assert seen.get("result"), f"the driver was not killed: {seen}"
+        failpoints.disarm("store.shard_complete")
         group = open_store(url, "r", options)
         done = completed_shards(group)
-        assert 0 < done.sum() < done.size
+        assert 2 <= done.sum() < done.size
         kept = set(np.flatnonzero(done).tolist())
         before = _writes(url, kept, options)
         # every object of a complete shard written once, its flag among them
