@@ -10,12 +10,11 @@ import pytest
 from engine.evaluation.gates import (
     EvaluationConfig,
     calibrate_detection,
-    mean_sd,
     realism,
     realism_items,
     store_alignment,
 )
-from engine.evaluation.report import markdown, verdict
+from engine.evaluation.report import verdict
 from engine.synthesis.actors import DiffusionActor, FilterActor
 from engine.synthesis.methods import PasteActor
 from engine.synthesis.pipeline import SynthesisJob, synthesize
@@ -83,28 +82,98 @@ def test_store_alignment_matches_the_synthesis_summary(base, tmp_path):
     assert (math.isnan(ali["dice_tp"]) and not len(found)) or ali["dice_tp"] == pytest.approx(found.mean())
 
 
-def _entry(ssim, bacc, sds=(0.01, 0.01, 0.01), collapsed=0):
+def _records(called_right: tuple[int, int], n_pos: int = 10, n_neg: int = 10, seed: int = 0) -> dict:
+    """Per-patient records: patients ``called_right[0]`` to ``called_right[1] - 1`` of each class
+    called right, their scores ranking them right."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_pos + n_neg):
+        positive, rank = i < n_pos, i % n_pos if i < n_pos else i - n_pos
+        right = called_right[0] <= rank < called_right[1]
+        score = (10.0 + rng.uniform() if right else rng.uniform()) if positive else (rng.uniform() if right else 10.0 + rng.uniform())
+        out[f"p{i:02d}"] = {"positive": positive, "score": score, "called": positive == right,
+                            "scar_dice_sum": 0.5 * positive, "scar_slices": int(positive), "scar_tp_dice_sum": 0.5 * positive,
+                            "scar_tp_slices": int(positive), "myocardium_dice_sum": 0.8, "myocardium_slices": 1}
+    return out
+
+
+def _arm(ssim, called_right, collapsed=0):
+    """An arm of the report, its utility summarized from per-patient records over three seeds."""
+    from engine.evaluation.run import summarize_utility
+    from engine.evaluation.stats import PatientScores
+
     runs = [{"seed": s, "collapsed": i < collapsed, "n_synthetic": 10, "confusion": [1, 0, 0, 1]} for i, s in enumerate((0, 1, 2))]
-    return {"realism": {"ssim_crop": {"mean": ssim, "sd": 0.0}},
-            "alignment": {"made": 10, "pass_rate": 0.5, "dice_tp": 0.7, "dice": np.zeros(1)},
-            "utility": {"balanced_accuracy": {"mean": bacc, "sd": sds[0]}, "dice": mean_sd([0.5]), "dice_tp": mean_sd([0.5]),
-                        "accuracy": mean_sd([bacc]), "collapsed": collapsed, "runs": runs}}
+    scores = PatientScores.from_runs([{"seed": s, "patients": _records(called_right, seed=s)} for s in (0, 1, 2)])
+    return ({"realism": {"ssim_crop": {"mean": ssim, "sd": 0.0}},
+             "alignment": {"made": 10, "pass_rate": 0.5, "dice_tp": 0.7, "dice": np.zeros(1)},
+             "utility": summarize_utility(runs, scores, 1000, 0)}, scores)
 
 
-def test_verdict_against_the_paste_control():
-    result = {"threshold": 0.6, "seeds": [0, 1, 2], "realism_split": "test",
-              "reference": {"slices": 5, "pass_rate": 0.356, "dice_tp": 0.6},
-              "real_only": _entry(0, 0.6, collapsed=2),
-              "methods": {"paste": _entry(0.80, 0.70), "lgesynthnet": _entry(0.60, 0.90)}}
-    lines = verdict(result)
-    assert any(line.startswith("lgesynthnet:") and "does not beat paste" in line and "has shown nothing" in line
-               for line in lines), lines
-    assert any("real only: 2 of 3 downstream runs collapsed" in line for line in lines), lines
-    result["methods"]["lgesynthnet"] = _entry(0.85, 0.705, sds=(0.05,))
+def _report(arms: dict) -> dict:
+    from engine.evaluation.run import REAL_ONLY, compare_arms
+
+    real, real_scores = _arm(0.0, (0, 6), collapsed=2)
+    result = {"threshold": 0.6, "seeds": [0, 1, 2], "realism_split": "test", "bootstrap": {"resamples": 1000},
+              "reference": {"slices": 5, "pass_rate": 0.356, "dice_tp": 0.6}, "real_only": real,
+              "methods": {name: arm[0] for name, arm in arms.items()}}
+    compare_arms(result, {REAL_ONLY: real_scores, **{name: arm[1] for name, arm in arms.items()}}, 1000, 0)
+    return result
+
+
+def test_verdict_claims_only_what_the_paired_intervals_show():
+    # 6 of 10 per class right for real only and paste; lgesynthnet 7 of 10 (3 more right, 2 fewer):
+    # a margin of 0.1 in balanced accuracy whose paired interval holds zero, and the better realism
+    result = _report({"paste": _arm(0.80, (0, 6)), "lgesynthnet": _arm(0.95, (2, 9))})
+    util = result["methods"]["lgesynthnet"]["utility"]
+    assert util["vs_real_only"]["balanced_accuracy"]["diff"] == pytest.approx(0.1)
+    lo, hi = util["vs_real_only"]["balanced_accuracy"]["ci95"]
+    assert lo < 0 < hi
     line = next(x for x in verdict(result) if x.startswith("lgesynthnet:"))
-    assert "within one SD" in line and "beats the model-free control on both gates" in line
+    assert "help not shown" in line and "beating paste not shown" in line and "beats" not in line, line
+    assert "LV-crop SSIM 0.950" in line and "not a condition" in line
+    assert any("real only: 2 of 3 downstream runs collapsed" in x for x in verdict(result))
+    # every test patient called right by lgesynthnet: both intervals exclude zero
+    result = _report({"paste": _arm(0.80, (0, 6)), "lgesynthnet": _arm(0.10, (0, 10))})
+    line = next(x for x in verdict(result) if x.startswith("lgesynthnet:"))
+    assert "helps" in line and "beats the model-free control" in line, line
+    # paste alone: its help against real only is judged, nothing against itself
+    paste_line = next(x for x in verdict(result) if x.startswith("paste:"))
+    assert "help not shown" in paste_line and "vs paste" not in paste_line
+    # without a paste control nothing is claimed about what the model adds
+    alone = _report({"lgesynthnet": _arm(0.5, (0, 10))})
+    assert "no paste control in this report" in next(x for x in verdict(alone) if x.startswith("lgesynthnet:"))
+
+
+def test_a_better_auroc_with_a_significant_loss_in_balanced_accuracy_does_not_help():
+    from engine.evaluation.report import shown_better
+
+    diff = {"balanced_accuracy": {"diff": -0.2, "ci95": [-0.3, -0.1]}, "auroc": {"diff": 0.2, "ci95": [0.1, 0.3]}}
+    assert not shown_better(diff)
+    assert shown_better({**diff, "balanced_accuracy": {"diff": 0.0, "ci95": [-0.1, 0.1]}})
+    assert not shown_better({"balanced_accuracy": {"diff": 0.1, "ci95": [-0.01, 0.2]}})
+
+
+def test_the_report_json_and_markdown_carry_intervals_and_paired_differences(tmp_path):
+    from engine.evaluation.report import markdown
+    from engine.evaluation.run import dumps
+
+    import json
+
+    result = _report({"paste": _arm(0.80, (0, 6)), "lgesynthnet": _arm(0.95, (2, 9))})
+    data = json.loads(dumps({**result, "seconds": 1}))
+    for entry in [data["real_only"], *data["methods"].values()]:
+        for key, stat in entry["utility"].items():
+            if isinstance(stat, dict) and "mean" in stat:
+                assert len(stat["ci95"]) == 2 and stat["ci95"][0] - 1e-9 <= stat["mean"] <= stat["ci95"][1] + 1e-9, key
+        assert {"auroc", "myocardium_dice"} <= set(entry["utility"])
+    for name, entry in data["methods"].items():
+        compared = ["vs_real_only"] + (["vs_paste"] if name != "paste" else [])
+        for key in compared:
+            for metric in ("balanced_accuracy", "auroc", "dice"):
+                assert set(entry["utility"][key][metric]) >= {"diff", "ci95"}, (name, key, metric)
     text = markdown({**result, "seconds": 1})
-    assert "| + paste | 10 |" in text and "| real only |" in text and "35.6%" in text
+    assert "| + paste | 10 | 0.600 ± 0.000 [" in text and "## Paired differences" in text and "35.6%" in text
+    assert "| lgesynthnet | +0.100 [" in text
 
 
 def test_evaluation_config_is_validated():
@@ -112,6 +181,8 @@ def test_evaluation_config_is_validated():
         EvaluationConfig(methods=["spade"])
     with pytest.raises(ValueError, match="seeds"):
         EvaluationConfig(seeds=[1, 1])
+    with pytest.raises(ValueError, match="bootstrap_resamples must be >= 1000"):
+        EvaluationConfig(bootstrap_resamples=200)
 
 
 def test_detection_threshold_is_calibrated_on_validation_patients():

@@ -303,3 +303,48 @@ def test_patient_confusion_counts_each_patient():
 def test_patient_confusion_mismatched_patients_raise(truth, predicted, named):
     with pytest.raises(ValueError, match=named):
         patient_confusion(truth, predicted)
+
+
+def test_largest_scar_component_counts_scar_inside_the_myocardium_only_in_mm2():
+    """Slice 0: a 3x3 scar blob and a diagonal pair (8-connected: one component of 2) inside the
+    myocardium, and a large blob outside it; slice 1: nothing inside; pixel areas differ per slice."""
+    from engine.evaluation.metrics import largest_scar_component_mm2
+
+    scar = np.zeros((2, 12, 12), bool)
+    myo = np.zeros((2, 12, 12), bool)
+    myo[:, :6, :] = True
+    scar[0, 1:4, 1:4] = True  # 9 px inside
+    scar[0, 1, 8] = scar[0, 2, 9] = True  # diagonal neighbours: one component of 2 px
+    scar[0, 7:12, 0:6] = True  # 30 px outside the myocardium
+    scar[1, 8:12, 8:12] = True  # outside only
+    got = largest_scar_component_mm2(scar, myo, np.array([0.5, 2.0]))
+    np.testing.assert_allclose(got, [4.5, 0.0])
+    # against scikit-image's labelling
+    from skimage.measure import label
+
+    inside = scar[0] & myo[0]
+    sizes = np.bincount(label(inside, connectivity=2).ravel())[1:]
+    assert got[0] == sizes.max() * 0.5
+    with pytest.raises(ValueError, match="must be \\[N, H, W\\]"):
+        largest_scar_component_mm2(scar[0], myo[0], 1.0)
+
+
+def test_patient_records_score_call_and_dice_sums():
+    """Two patients: a's scar slice found exactly, b negative with a false speck outside the
+    myocardium (score 0); the records hold what the bootstrap resamples."""
+    from engine.training.data import SliceArrays
+    from engine.training.downstream import patient_records
+
+    label = np.zeros((3, 8, 8), np.uint8)
+    label[:, 2:6, 2:6] = 2
+    label[0, 2:4, 2:4] = 3
+    masks = {"scar": label >= 3, "myocardium": label >= 2}
+    masks["scar"][2, 0, 0] = True  # outside the myocardium
+    arrays = SliceArrays(image=np.zeros((3, 1, 8, 8), np.float32), label=label, level=["mid"] * 3,
+                         source=["a/0", "a/1", "b/0"], patient_id=["a", "a", "b"], caption=[""] * 3,
+                         positive=np.array([True, False, False]), pixel_area_mm2=np.full(3, 2.0, np.float32))
+    records = patient_records(masks, arrays, threshold_mm2=5.0)
+    assert records["a"] == {"positive": True, "score": 8.0, "called": True, "scar_dice_sum": 1.0, "scar_slices": 1,
+                            "scar_tp_dice_sum": 1.0, "scar_tp_slices": 1, "myocardium_dice_sum": 2.0,
+                            "myocardium_slices": 2}
+    assert records["b"]["score"] == 0.0 and not records["b"]["called"] and records["b"]["scar_slices"] == 0

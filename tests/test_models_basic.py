@@ -326,7 +326,7 @@ def test_validation_reads_read_only_arrays_without_warnings():
     import numpy as np
 
     from engine.training.data import SliceArrays
-    from engine.training.downstream import patient_scar_areas
+    from engine.training.downstream import patient_scores, predict_masks
     from engine.training.segmentation import scar_validation
 
     label = _labels(4, 32).numpy().astype(np.uint8)
@@ -341,5 +341,5 @@ def test_validation_reads_read_only_arrays_without_warnings():
         arrays = SliceArrays(image=image, label=label, level=["mid"] * 4, source=["a/1", "a/2", "b/1", "b/2"],
                              patient_id=["a", "a", "b", "b"], caption=[""] * 4, positive=np.ones(4, bool),
                              pixel_area_mm2=np.ones(4, np.float32))
-        areas = patient_scar_areas(downstream, arrays, "cpu", batch_size=2)
+        areas = patient_scores(predict_masks(downstream, arrays, "cpu", batch_size=2), arrays)
     assert metrics["val_slices"] == 4 and sorted(areas) == ["a", "b"]

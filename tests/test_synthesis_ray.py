@@ -404,14 +404,17 @@ def test_killed_driver_then_rerun_writes_only_what_is_missing(ray_cluster, base,
     # lapses 6 s after its last renewal, renewed every 2 s, instead of 30 s after one every 10 s
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1]),
            "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "6", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
-    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     seen = _when_held_and_complete(failpoints, "store.shard_complete", 3, url, 2,
                                    lambda held: os.killpg(driver.pid, signal.SIGKILL) or True, storage_options=options)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "synthesize", "--config", str(config)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         driver.wait(timeout=300)
         seen["thread"].join(5)
-        assert seen.get("result"), f"the driver was not killed: {seen}"
+        assert seen.get("result"), (f"the driver was not killed (exit {driver.returncode}, watcher saw {seen}); "
+                                    f"its output:\n{log.read_text()[-4000:]}")
         failpoints.disarm("store.shard_complete")
         group = open_store(url, "r", options)
         done = completed_shards(group)

@@ -38,6 +38,8 @@ class EvaluationConfig:
         report_dir: where the report goes (empty: ``<run_dir>/reports``).
         collapse_min_positive: a downstream model that calls fewer test patients positive than
             this, or all of them, is reported as collapsed.
+        bootstrap_resamples: resamples of the test patients for every interval (>= 1000).
+        bootstrap_seed: the resampling's seed (the same resamples for every arm: paired).
     """
 
     methods: list[str] = field(default_factory=lambda: ["paste", "lgesynthnet"])
@@ -49,6 +51,8 @@ class EvaluationConfig:
     candidates: int = 0
     report_dir: str = ""
     collapse_min_positive: int = 1
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         from engine.synthesis.methods import METHODS
@@ -60,7 +64,10 @@ class EvaluationConfig:
             raise ValueError(f"realism_split must be 'train', 'val' or 'test', got {self.realism_split!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
-        for name in ("realism_max", "n_synthetic", "candidates", "collapse_min_positive"):
+        if self.bootstrap_resamples < 1000:
+            raise ValueError(f"bootstrap_resamples must be >= 1000 (the tails of a 95% interval rest on 25 "
+                             f"resamples each), got {self.bootstrap_resamples}")
+        for name in ("realism_max", "n_synthetic", "candidates", "collapse_min_positive", "bootstrap_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -141,51 +148,60 @@ def store_alignment(url: str, threshold: float, storage_options: dict | None = N
             "found_rate": float(found.mean()) if dice.size else float("nan"), "dice": dice}
 
 
-def calibrate_detection(areas: dict[str, float], truth: dict[str, bool], fallback: float) -> float:
-    """The patient-level area threshold (positive: area > threshold) with the best balanced accuracy
-    on ``areas`` of patients with known ``truth`` (the validation patients); among equally good
-    thresholds the median one. ``fallback`` when the patients are all of one class."""
+def calibrate_detection(scores: dict[str, float], truth: dict[str, bool], fallback: float) -> float:
+    """The patient-level score threshold (positive: score > threshold) with the best balanced
+    accuracy on ``scores`` of patients with known ``truth`` (the validation patients); among equally
+    good thresholds the median one. ``fallback`` when the patients are all of one class."""
     from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
 
     if len(set(truth.values())) < 2:
         return float(fallback)
-    values = sorted(set(float(a) for a in areas.values()))
-    candidates = [-1.0, *values]  # -1: everyone positive; each observed area: those above it
-    scores = [confusion_metrics(*patient_confusion(truth, patient_detection(areas, t)))["balanced_accuracy"]
-              for t in candidates]
-    best = max(scores)
-    tied = [t for t, score in zip(candidates, scores, strict=True) if score == best]
+    values = sorted(set(float(a) for a in scores.values()))
+    candidates = [-1.0, *values]  # -1: everyone positive; each observed score: those above it
+    balanced = [confusion_metrics(*patient_confusion(truth, patient_detection(scores, t)))["balanced_accuracy"]
+                for t in candidates]
+    best = max(balanced)
+    tied = [t for t, score in zip(candidates, balanced, strict=True) if score == best]
     return float(max(0.0, tied[len(tied) // 2]))
 
 
 def score_downstream(folder: str | Path, arrays, val_arrays=None, collapse_min_positive: int = 1) -> dict[str, Any]:
-    """An exported downstream model (``<folder>/downstream.*``) on real slices (the test patients):
-    slice scar Dice on positives, Dice-TP, patient-level detection and its confusion matrix, and
-    whether the model collapsed (called fewer than ``collapse_min_positive`` patients positive, or all).
+    """An exported downstream model (``<folder>/downstream.*``) on real slices (the test patients).
 
-    The detection threshold (predicted scar pixels summed over a patient's slices) is calibrated on
-    ``val_arrays`` (the validation patients: best balanced accuracy), never on the test patients;
-    without them, or when they are all of one class, the model's ``detection_min_pixels``."""
+    A patient's score is its largest component of predicted scar inside the predicted myocardium
+    (mm^2, :func:`engine.evaluation.metrics.largest_scar_component_mm2`); the threshold that calls
+    it positive is calibrated on ``val_arrays`` (the validation patients: best balanced accuracy),
+    never on the test patients; without them, or when they are all of one class, the model's
+    ``detection_min_mm2``. AUROC needs no threshold.
+
+    Returns:
+        ``dice`` (scar, mean over positive slices), ``dice_tp``, ``myocardium_dice``, ``auroc``,
+        ``accuracy``, ``balanced_accuracy``, ``confusion`` [TN, FP, FN, TP], ``patients``,
+        ``detection_min_mm2`` (the threshold used), ``detection_calibrated_on_val``, ``collapsed``
+        (fewer than ``collapse_min_positive`` patients called positive, or all), and
+        ``patient_records`` (patient id -> the record :mod:`engine.evaluation.stats` resamples).
+    """
     import torch
 
-    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
+    from engine.evaluation.stats import PatientScores, metric_values
     from engine.training.data import patients_in
-    from engine.training.downstream import load_downstream, patient_scar_areas
-    from engine.training.segmentation import scar_validation
+    from engine.training.downstream import load_downstream, patient_records, patient_scores, predict_masks
 
     model, record = load_downstream(folder)
     device = torch.device("cpu")
-    seg = scar_validation(model, arrays.image, arrays.label, "0,1", device)
-    threshold = float(record.get("detection_min_pixels", 10.0))
+    threshold = float(record.get("detection_min_mm2", 10.0))
     calibrated = val_arrays is not None and len(val_arrays)
     if calibrated:
-        threshold = calibrate_detection(patient_scar_areas(model, val_arrays, device), patients_in(val_arrays), threshold)
-    truth = patients_in(arrays)
-    tn, fp, fn, tp = patient_confusion(truth, patient_detection(patient_scar_areas(model, arrays, device), threshold))
-    det = confusion_metrics(tn, fp, fn, tp)
-    called = fp + tp
-    return {"dice": seg.get("val_scar_dice", float("nan")), "dice_tp": seg.get("val_scar_dice_tp", float("nan")),
-            "accuracy": det["accuracy"], "balanced_accuracy": det["balanced_accuracy"],
-            "confusion": [tn, fp, fn, tp], "patients": tn + fp + fn + tp, "detection_min_pixels": threshold,
+        threshold = calibrate_detection(patient_scores(predict_masks(model, val_arrays, device), val_arrays),
+                                        patients_in(val_arrays), threshold)
+    records = patient_records(predict_masks(model, arrays, device), arrays, threshold)
+    scores = PatientScores.from_runs([{"seed": 0, "patients": records}])
+    metrics = {m: float(metric_values(scores, m)[0, 0])
+               for m in ("dice", "dice_tp", "myocardium_dice", "auroc", "accuracy", "balanced_accuracy")}
+    positive, called = scores.positive, scores.called[0]
+    tn, fp = int((~positive & ~called).sum()), int((~positive & called).sum())
+    fn, tp = int((positive & ~called).sum()), int((positive & called).sum())
+    return {**metrics, "confusion": [tn, fp, fn, tp], "patients": len(records), "detection_min_mm2": threshold,
             "detection_calibrated_on_val": bool(calibrated),
-            "collapsed": bool(called < collapse_min_positive or called == tn + fp + fn + tp)}
+            "collapsed": bool(fp + tp < collapse_min_positive or fp + tp == len(records)),
+            "patient_records": records}

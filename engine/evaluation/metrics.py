@@ -304,12 +304,44 @@ def confusion_metrics(tn: int, fp: int, fn: int, tp: int) -> dict[str, float | i
     }
 
 
+def largest_scar_component_mm2(scar: np.ndarray, myocardium: np.ndarray, pixel_area_mm2: np.ndarray | float) -> np.ndarray:
+    """The patient-level detection's slice score: the area (mm^2) of the largest 8-connected
+    component of predicted scar inside the predicted myocardium, per slice.
+
+    Scar lies in the myocardium (DOMAIN.md), so scar predicted outside it is noise, and a patient is
+    called on its largest coherent scar, not on a sum that grows with its slice count and with every
+    false-positive speck.
+
+    Args:
+        scar, myocardium: predicted masks ``[N, H, W]`` (bool, or 0/1 values).
+        pixel_area_mm2: the in-plane area of one pixel, per slice ``[N]`` or one value.
+
+    Returns:
+        float64 ``[N]``: 0 where no scar is predicted inside the myocardium.
+    """
+    from scipy import ndimage
+
+    scar, myocardium = _as_mask(scar, "scar"), _as_mask(myocardium, "myocardium")
+    _check_same_shape(scar, myocardium, ("scar", "myocardium"))
+    if scar.ndim != 3:
+        raise ValueError(f"scar and myocardium must be [N, H, W], got shape {scar.shape}")
+    area = np.broadcast_to(np.asarray(pixel_area_mm2, np.float64), (len(scar),))
+    out = np.zeros(len(scar))
+    eight = np.ones((3, 3), bool)
+    for i, inside in enumerate(scar & myocardium):
+        if inside.any():
+            components, count = ndimage.label(inside, structure=eight)
+            out[i] = np.bincount(components.ravel(), minlength=count + 1)[1:].max() * area[i]
+    return out
+
+
 def patient_detection(scar_area_by_patient: Mapping[str, float], threshold: float) -> dict[str, bool]:
     """Patient-level scar detection: positive when the predicted scar area exceeds ``threshold``.
 
     Args:
-        scar_area_by_patient: patient id -> predicted scar area summed over the patient's slices, in
-            whatever unit the caller sums (pixels or mm^2); ``threshold`` is in the same unit.
+        scar_area_by_patient: patient id -> the patient's predicted scar score (the engine's: the
+            largest scar component in mm^2, :func:`largest_scar_component_mm2`, over its slices);
+            ``threshold`` is in the same unit.
         threshold: a patient is positive when its area is strictly greater (area 0 with threshold 0
             is negative).
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.evaluation.gates import (
-    mean_sd,
     real_positive_reference,
     realism,
     realism_items,
     store_alignment,
 )
 
-UTILITY_KEYS = ("dice", "dice_tp", "accuracy", "balanced_accuracy")
+UTILITY_KEYS = ("dice", "dice_tp", "myocardium_dice", "auroc", "accuracy", "balanced_accuracy")
+COMPARED_KEYS = ("balanced_accuracy", "auroc", "dice")  # each method vs real only and vs paste
 
 
 def method_config(cfg, method: str):
@@ -73,7 +73,7 @@ def utility_runs(cfg, parts, grid: list[dict[str, Any]], log) -> dict[str, list[
             f"{setting_label(e)} seed {e['seed']}: {e['error']} ({e['path']})" for e in errors))
     runs: dict[str, list[dict[str, Any]]] = {}
     for trial in sorted(trials, key=lambda t: t["seed"]):
-        run = {key: trial[key] for key in (*UTILITY_KEYS, "collapsed", "detection_min_pixels", "seconds", "run")}
+        run = {key: trial[key] for key in (*UTILITY_KEYS, "collapsed", "detection_min_mm2", "seconds", "run")}
         run.update(seed=int(trial["seed"]), n_synthetic=int(trial["n_used"]), patients=int(trial["test_patients"]),
                    confusion=[int(trial[k]) for k in ("tn", "fp", "fn", "tp")])
         runs.setdefault(setting_label(trial), []).append(run)
@@ -82,9 +82,49 @@ def utility_runs(cfg, parts, grid: list[dict[str, Any]], log) -> dict[str, list[
     return runs
 
 
-def _summarize_utility(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"runs": runs, **{k: mean_sd([r[k] for r in runs]) for k in UTILITY_KEYS},
-            "collapsed": sum(bool(r["collapsed"]) for r in runs)}
+def patient_scores(run_dir: str | Path, runs: list[dict[str, Any]], split: str = "test"):
+    """The per-patient records of an arm's downstream runs (one per seed), as written beside each
+    model by its trial (:data:`engine.evaluation.sweep.PATIENTS_FILE`)."""
+    from engine.evaluation.sweep import PATIENTS_FILE
+    from engine.evaluation.stats import PatientScores
+
+    loaded = []
+    for run in runs:
+        path = Path(run_dir) / run["run"] / PATIENTS_FILE.format(split=split)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the per-patient records of downstream run {run['run']} are missing; "
+                                    "delete that run's folder and evaluate again to score it")
+        loaded.append({"seed": run["seed"], "patients": json.loads(path.read_text())})
+    return PatientScores.from_runs(loaded)
+
+
+def summarize_utility(runs: list[dict[str, Any]], scores, resamples: int, seed: int) -> dict[str, Any]:
+    """An arm's utility: each metric's mean and SD over seeds with its patient-level bootstrap
+    interval (:func:`engine.evaluation.stats.summary`), the runs, and how many collapsed."""
+    from engine.evaluation.stats import summary
+
+    return {"runs": runs, **summary(scores, UTILITY_KEYS, n_resamples=resamples, seed=seed),
+            "patients": len(scores.patients), "collapsed": sum(bool(r["collapsed"]) for r in runs)}
+
+
+def compare_arms(result: dict[str, Any], scores: dict[str, Any], resamples: int, seed: int) -> None:
+    """Each method's paired differences (:func:`engine.evaluation.stats.paired_difference`) against
+    real only (``utility.vs_real_only``) and against the paste control (``utility.vs_paste``), for
+    balanced accuracy, AUROC and Dice, in place."""
+    from engine.evaluation.stats import paired_difference
+
+    for method, entry in result["methods"].items():
+        if method not in scores:
+            continue
+        util = entry["utility"]
+        util["vs_real_only"] = paired_difference(scores[method], scores[REAL_ONLY], COMPARED_KEYS, resamples, seed,
+                                                 what=f"{method} vs real only")
+        if method != "paste" and "paste" in scores:
+            util["vs_paste"] = paired_difference(scores[method], scores["paste"], COMPARED_KEYS, resamples, seed,
+                                                 what=f"{method} vs paste")
+
+
+REAL_ONLY = "real only"
 
 
 def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -150,10 +190,16 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     grid = [{"method": REAL, "threshold": None, "n": 0},
             *(e["setting"] for e in result["methods"].values() if "setting" in e)]
     runs = utility_runs(cfg, parts, grid, log)
-    result["real_only"] = {"utility": _summarize_utility(runs[setting_label(grid[0])])}
-    for entry in result["methods"].values():
+    boot = {"resamples": ev.bootstrap_resamples, "seed": ev.bootstrap_seed}
+    scores = {REAL_ONLY: patient_scores(cfg.run_dir, runs[setting_label(grid[0])])}
+    result["real_only"] = {"utility": summarize_utility(runs[setting_label(grid[0])], scores[REAL_ONLY], **boot)}
+    for method, entry in result["methods"].items():
         if "setting" in entry:
-            entry["utility"] = _summarize_utility(runs[setting_label(entry.pop("setting"))])
+            arm = runs[setting_label(entry.pop("setting"))]
+            scores[method] = patient_scores(cfg.run_dir, arm)
+            entry["utility"] = summarize_utility(arm, scores[method], **boot)
+    compare_arms(result, scores, **boot)
+    result["bootstrap"] = {**boot, "unit": "test patient", "stratified": True, "interval": "95% percentile"}
     result["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(ev.report_dir or Path(cfg.run_dir) / "reports")
     result["verdict"] = verdict(result)

@@ -48,10 +48,11 @@ import numpy as np
 from engine.config import config_changes
 
 REAL = "real"  # the method name of the real-only baseline setting
-RESULT_KEYS = ("balanced_accuracy", "dice", "dice_tp", "accuracy")
+RESULT_KEYS = ("balanced_accuracy", "auroc", "dice", "dice_tp", "myocardium_dice", "accuracy")
 TRIAL_KEYS = (*RESULT_KEYS, "collapsed", "n_used", "n_available", "short", "tn", "fp", "fn", "tp", "run",
               "val_patients", "detection_calibrated_on_train", "test_patients", "detection_calibrated_on_val",
-              "detection_min_pixels", "scored_on", "seconds", "call")
+              "detection_min_mm2", "scored_on", "seconds", "call")
+PATIENTS_FILE = "patients_{split}.json"  # in a downstream run's folder: the per-patient records it was scored on
 SETTINGS_FILE = "sweep_settings.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -331,10 +332,13 @@ def run_trial(cfg, parts: Mapping[str, Any], stores: Mapping[str, Mapping[str, A
     train_downstream(run_cfg, parts=parts)
     scored, calibration = ("val", "train") if score_on == "val" else ("test", "val")
     score = score_downstream(Path(cfg.run_dir) / name, parts[scored], parts[calibration], cfg.evaluation.collapse_min_positive)
+    # the per-patient records (the bootstrap's input) beside the model, not in Tune's results
+    records = Path(cfg.run_dir) / name / PATIENTS_FILE.format(split=scored)
+    records.write_text(json.dumps(score["patient_records"], sort_keys=True) + "\n")
     tn, fp, fn, tp = (int(x) for x in score["confusion"])
     return {**out, **{key: float(score[key]) for key in RESULT_KEYS}, "collapsed": bool(score["collapsed"]),
             "tn": tn, "fp": fp, "fn": fn, "tp": tp, "run": name, "scored_on": scored,
-            f"{scored}_patients": int(score["patients"]), "detection_min_pixels": float(score["detection_min_pixels"]),
+            f"{scored}_patients": int(score["patients"]), "detection_min_mm2": float(score["detection_min_mm2"]),
             f"detection_calibrated_on_{calibration}": bool(score["detection_calibrated_on_val"]),
             "seconds": round(time.perf_counter() - start, 1)}
 

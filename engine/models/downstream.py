@@ -20,8 +20,13 @@ denseblock3   16       256 + 24 * 32 = 1024
 norm5 + ReLU  32       512 + 16 * 32 = 1024
 ============  =======  ==================================================
 
-The decoder upsamples five times, concatenating the skip of each stride (the last stage has none),
-back to full resolution, so H and W must be multiples of 32.
+The decoder upsamples five times, concatenating the skip of each stride, back to full resolution, so
+H and W must be multiples of 32. MONAI's decoder gives its last stage no skip, and DenseNet's stem
+(a 7x7 stride-2 convolution, then a max-pool) reaches stride 4 before the first dense block: a
+myocardium 2-4 px thick would reach the output only through stride-2 features. So a small
+full-resolution branch (``full_resolution_channels``: two 3x3 convolutions on the input) is
+concatenated with the decoder's output and fused by one more 3x3 convolution before the head, a
+full-resolution skip at the cost of a few small convolutions.
 
 Outputs are multi-label logits, one sigmoid per channel: channel 0 scar (labels 3, 4), channel 1
 myocardium region (labels 2, 3, 4), the targets of :func:`engine.models.reward.targets_from_label`.
@@ -71,6 +76,7 @@ class DownstreamModelConfig:
         dropout: Dropout probability in the dense layers and the decoder, in [0, 1).
         norm: ``"batch"`` (DenseNet's own) or ``"instance"``, in encoder and decoder.
         loss: ``"dice_focal"`` or ``"dice_ce"``; see :func:`engine.models.reward.segmentation_loss`.
+        full_resolution_channels: channels of the full-resolution skip (0: none, MONAI's decoder alone).
 
     Example:
         >>> DownstreamModelConfig(init_features=8, growth_rate=4, block_config=(2, 2, 2, 2)).block_config
@@ -86,6 +92,7 @@ class DownstreamModelConfig:
     dropout: float = 0.0
     norm: Literal["batch", "instance"] = "batch"
     loss: Literal["dice_focal", "dice_ce"] = "dice_focal"
+    full_resolution_channels: int = 16
 
     def __post_init__(self):
         self.block_config, self.decoder_channels = tuple(self.block_config), tuple(self.decoder_channels)
@@ -104,6 +111,9 @@ class DownstreamModelConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.norm not in ("batch", "instance"):
             raise ValueError(f"norm: expected 'batch' or 'instance', got {self.norm!r}")
+        if self.full_resolution_channels < 0:
+            raise ValueError(f"full_resolution_channels: expected >= 0 (0: no full-resolution skip), "
+                             f"got {self.full_resolution_channels!r}")
         if self.loss not in ("dice_focal", "dice_ce"):
             raise ValueError(f"loss: expected 'dice_focal' or 'dice_ce', got {self.loss!r}")
 
@@ -168,8 +178,18 @@ class DenseNetUNet(nn.Module):
             align_corners=None,
             is_pad=False,
         )
+        k, out = config.full_resolution_channels, config.decoder_channels[-1]
+        if k:
+            from monai.networks.blocks import Convolution
+
+            def block(cin: int, cout: int) -> nn.Module:
+                return Convolution(2, cin, cout, kernel_size=3, act=("relu", {"inplace": True}), norm=config.norm,
+                                   bias=False)
+
+            self.full_resolution = nn.Sequential(block(1, k), block(k, k))
+            self.fuse = block(out + k, out)
         self.segmentation_head = SegmentationHead(
-            spatial_dims=2, in_channels=config.decoder_channels[-1], out_channels=len(OUTPUT_NAMES), kernel_size=3)
+            spatial_dims=2, in_channels=out, out_channels=len(OUTPUT_NAMES), kernel_size=3)
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The input and the five encoder feature maps, strides 1, 2, 4, 8, 16, 32."""
@@ -184,7 +204,10 @@ class DenseNetUNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, SIZE_MULTIPLE, "downstream model")
         features = self.encode(images)
-        return self.segmentation_head(self.decoder(features, skip_connect=len(features) - 2))
+        decoded = self.decoder(features, skip_connect=len(features) - 2)
+        if self.config.full_resolution_channels:
+            decoded = self.fuse(torch.cat([decoded, self.full_resolution(images)], dim=1))
+        return self.segmentation_head(decoded)
 
 
 def build_downstream_model(config: DownstreamModelConfig) -> DenseNetUNet:

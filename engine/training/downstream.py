@@ -3,8 +3,9 @@
 Real train patients alone, or with ``n_synthetic`` filtered samples from a synthetic store;
 class-balanced draws (positive and negative slices equally often) guard against the collapse to
 "no scar" seen with small real-only sets. Validated on the val patients: scar Dice on positive
-slices and patient-level detection (a patient is positive when its predicted scar area, summed
-over its slices, exceeds ``detection_min_pixels``). Exported to ``<run_dir>/<name>/``.
+slices, myocardium Dice and patient-level detection (a patient is positive when its largest
+component of predicted scar inside the predicted myocardium exceeds ``detection_min_mm2``; AUROC
+of that score). Exported to ``<run_dir>/<name>/``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class DownstreamStageConfig:
         synthetic_min_dice: draw the synthetic samples from those with Dice > this instead of those
             that passed the store's filter (None); below the store's own threshold only from a store
             written with ``keep_rejected`` (the threshold sweeps of ``lgesynth sweep``).
-        detection_min_pixels: predicted scar pixels (summed over a patient's slices) above which a
-            patient counts as positive.
+        detection_min_mm2: the patient-level detection threshold where it is not calibrated (the
+            evaluation calibrates it on the validation patients): a patient is positive when its
+            largest component of predicted scar inside the predicted myocardium, over its slices,
+            is larger than this (mm^2).
         name: the run name (``<run_dir>/<name>/``), so real-only and mixed models can live side by side.
         augment: augment the training slices as the ``data`` section says (false: never; random
             affine resampling costs about as much CPU as the model's own step at 64 px, so short CPU
@@ -54,7 +57,7 @@ class DownstreamStageConfig:
     synthetic: str = ""
     n_synthetic: int = 0
     synthetic_min_dice: float | None = None
-    detection_min_pixels: float = 10.0
+    detection_min_mm2: float = 10.0
     name: str = STAGE
     augment: bool = True
 
@@ -64,13 +67,13 @@ class DownstreamStageConfig:
             raise ValueError(f"n_synthetic must be >= 0, got {self.n_synthetic}")
         if self.synthetic_min_dice is not None and not -1.0 <= self.synthetic_min_dice < 1.0:
             raise ValueError(f"synthetic_min_dice must be None or in [-1, 1) (Dice > it), got {self.synthetic_min_dice}")
-        if self.detection_min_pixels < 0:
-            raise ValueError(f"detection_min_pixels must be >= 0, got {self.detection_min_pixels}")
+        if self.detection_min_mm2 < 0:
+            raise ValueError(f"detection_min_mm2 must be >= 0, got {self.detection_min_mm2}")
 
 
 def load_downstream(folder) -> tuple[Any, dict[str, Any]]:
     """The exported downstream model of ``<folder>/downstream.*`` in eval mode, and its record
-    (config, sha256, ``detection_min_pixels``, ...)."""
+    (config, sha256, ``detection_min_mm2``, ...)."""
     from engine.models.downstream import DownstreamModelConfig, build_downstream_model
     from engine.training.checkpoint import load_model_weights, read_model_config
 
@@ -80,31 +83,75 @@ def load_downstream(folder) -> tuple[Any, dict[str, Any]]:
     return model.eval(), record
 
 
-def patient_scar_areas(model, arrays, device, batch_size: int = 32) -> dict[str, float]:
-    """Predicted scar pixels of every patient of ``arrays``, summed over its slices."""
+def predict_masks(model, arrays, device, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The model's scar and myocardium masks (probability > 0.5) of every slice of ``arrays``:
+    ``{"scar": bool [N, S, S], "myocardium": bool [N, S, S]}``."""
     import torch
 
-    areas: dict[str, float] = {}
+    scar, myocardium = [], []
     with torch.no_grad():
         for start in range(0, len(arrays), batch_size):
             x = torch.tensor(arrays.image[start:start + batch_size], device=device)  # a copy: may be a read-only view
-            scar = (torch.sigmoid(model(x)[:, 0].float()) > 0.5).sum(dim=(1, 2)).cpu().numpy()
-            for pid, pixels in zip(arrays.patient_id[start:start + batch_size], scar, strict=True):
-                areas[pid] = areas.get(pid, 0.0) + float(pixels)
-    return areas
+            prob = torch.sigmoid(model(x)[:, :2].float()).cpu().numpy()
+            scar.append(prob[:, 0] > 0.5)
+            myocardium.append(prob[:, 1] > 0.5)
+    empty = np.zeros((0, *arrays.label.shape[1:]), bool)
+    return {"scar": np.concatenate(scar) if scar else empty, "myocardium": np.concatenate(myocardium) if myocardium else empty}
 
 
-def patient_detection_metrics(model, arrays, device, min_pixels: float, batch_size: int = 32) -> dict[str, float]:
-    """Patient-level detection on real slices: predicted scar pixels summed per patient > ``min_pixels``."""
-    from engine.evaluation.metrics import confusion_metrics, patient_confusion, patient_detection
-    from engine.training.data import patients_in
+def patient_scores(masks: dict[str, np.ndarray], arrays) -> dict[str, float]:
+    """Patient id -> its scar score: the largest component of predicted scar inside the predicted
+    myocardium, in mm^2, over its slices (:func:`engine.evaluation.metrics.largest_scar_component_mm2`)."""
+    from engine.evaluation.metrics import largest_scar_component_mm2
 
-    areas = patient_scar_areas(model, arrays, device, batch_size)
-    truth = patients_in(arrays)
-    tn, fp, fn, tp = patient_confusion(truth, patient_detection(areas, min_pixels))
-    metrics = confusion_metrics(tn, fp, fn, tp)
-    return {"val_patient_accuracy": metrics["accuracy"], "val_patient_balanced_accuracy": metrics["balanced_accuracy"],
-            "val_tn": tn, "val_fp": fp, "val_fn": fn, "val_tp": tp}
+    slices = largest_scar_component_mm2(masks["scar"], masks["myocardium"], arrays.pixel_area_mm2)
+    scores: dict[str, float] = {}
+    for pid, value in zip(arrays.patient_id, slices, strict=True):
+        scores[pid] = max(scores.get(pid, 0.0), float(value))
+    return dict(sorted(scores.items()))
+
+
+def patient_records(masks: dict[str, np.ndarray], arrays, threshold_mm2: float) -> dict[str, dict[str, Any]]:
+    """Per patient, what :mod:`engine.evaluation.stats` resamples: truth, score (mm^2), the call
+    (score > ``threshold_mm2``), and the summed slice Dice of scar (over positive slices), of scar
+    where it was found (Dice-TP) and of the myocardium region (labels 2-4, over slices holding it),
+    with the slice counts."""
+    from engine.anatomy.labels import MYOCARDIUM, SCAR
+    from engine.evaluation.metrics import dice_per_sample
+
+    scores = patient_scores(masks, arrays)
+    truth_scar = arrays.label >= SCAR
+    truth_myo = arrays.label >= MYOCARDIUM
+    scar_dice = dice_per_sample(masks["scar"], truth_scar)
+    myo_dice = dice_per_sample(masks["myocardium"], truth_myo)
+    has_scar = truth_scar.reshape(len(arrays), -1).any(1)
+    found = masks["scar"].reshape(len(arrays), -1).any(1) & has_scar
+    has_myo = truth_myo.reshape(len(arrays), -1).any(1)
+    records: dict[str, dict[str, Any]] = {}
+    for pid, score in scores.items():
+        mine = np.asarray([p == pid for p in arrays.patient_id])
+        records[pid] = {
+            "positive": bool(has_scar[mine].any()), "score": score, "called": bool(score > threshold_mm2),
+            "scar_dice_sum": float(scar_dice[mine & has_scar].sum()), "scar_slices": int((mine & has_scar).sum()),
+            "scar_tp_dice_sum": float(scar_dice[mine & found].sum()), "scar_tp_slices": int((mine & found).sum()),
+            "myocardium_dice_sum": float(myo_dice[mine & has_myo].sum()), "myocardium_slices": int((mine & has_myo).sum()),
+        }
+    return records
+
+
+def patient_detection_metrics(model, arrays, device, min_mm2: float, batch_size: int = 32) -> dict[str, float]:
+    """Patient-level detection on real slices (the largest scar component inside the myocardium >
+    ``min_mm2``), the patients' AUROC of that score, and myocardium Dice."""
+    from engine.evaluation.stats import PatientScores, metric_values
+
+    records = patient_records(predict_masks(model, arrays, device, batch_size), arrays, min_mm2)
+    scores = PatientScores.from_runs([{"seed": 0, "patients": records}])
+    out = {f"val_patient_{m}": float(metric_values(scores, m)[0, 0])
+           for m in ("accuracy", "balanced_accuracy", "auroc", "myocardium_dice")}
+    positive, called = scores.positive, scores.called[0]
+    out.update(val_tn=int((~positive & ~called).sum()), val_fp=int((~positive & called).sum()),
+               val_fn=int((positive & ~called).sum()), val_tp=int((positive & called).sum()))
+    return out
 
 
 def downstream_worker(config: dict[str, Any]) -> None:
@@ -121,7 +168,7 @@ def downstream_worker(config: dict[str, Any]) -> None:
 
     def validate() -> dict[str, float]:
         metrics = scar_validation(net, val.image, val.label, INPUT_RANGE, setup.device)
-        metrics.update(patient_detection_metrics(net, val, setup.device, stage.detection_min_pixels))
+        metrics.update(patient_detection_metrics(net, val, setup.device, stage.detection_min_mm2))
         return metrics
 
     train_segmentation_model(
@@ -129,7 +176,7 @@ def downstream_worker(config: dict[str, Any]) -> None:
         input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
         export_record={"n_synthetic": stage.n_synthetic, "synthetic": config["synthetic"],
                        "synthetic_min_dice": stage.synthetic_min_dice,
-                       "detection_min_pixels": stage.detection_min_pixels,
+                       "detection_min_mm2": stage.detection_min_mm2,
                        "synthetic_sources": config["synthetic_sources"]},
     )
 
