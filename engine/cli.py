@@ -25,7 +25,7 @@ def _phantom(args: argparse.Namespace) -> int:
     cfg = from_dict(PhantomConfig, apply_overrides({}, args.overrides), path="phantom")
     start = time.perf_counter()
     try:
-        manifest = write_phantom_cohort(args.out, args.patients, seed=args.seed, cfg=cfg)
+        manifest = write_phantom_cohort(args.out, args.patients, seed=args.seed, cfg=cfg, first_case=args.first_case)
     except ValueError as err:  # e.g. an output folder holding someone else's cases
         raise UsageError(str(err)) from err
     positives = sum(bool(p["positive"]) for p in manifest)
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
     p.add_argument("--seed", type=int, default=0, help="seed; patient i depends only on (seed, i) (default 0)")
+    p.add_argument("--first-case", type=int, default=1, metavar="N",
+                   help="number of the first case (Case_P<N>...; default 1): number an external test cohort "
+                        "apart from the training cohort, e.g. --first-case 1001")
     p.add_argument("--preview", metavar="PNG", help="also write a preview grid of slices to this PNG")
     p.add_argument("--preview-patients", type=int, default=4, help="patients shown in the preview (default 4)")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -228,3 +228,24 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(TypeError, match="dataclass"):
         from_dict(dict, {})
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "phantom.yaml", "paper.yaml"])
+def test_every_shipped_config_is_accepted(name):
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.settings import EngineConfig
+
+    cfg = load_config(EngineConfig, Path(__file__).parents[1] / "configs" / name)
+    assert all(t >= cfg.synthesis.threshold for t in cfg.sweep.thresholds) or cfg.synthesis.keep_rejected
+
+
+def test_a_sweep_threshold_below_the_filter_needs_the_rejected_candidates_kept():
+    from engine.config import apply_overrides, from_dict
+    from engine.settings import EngineConfig
+
+    base = ["cohort.root=c", "run_dir=r"]
+    with pytest.raises(ValueError, match=r"sweep.thresholds \[0.5\] lie below synthesis.threshold 0.6.*keep_rejected"):
+        from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5,0.7]", "synthesis.threshold=0.6"]))
+    from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5]", "synthesis.keep_rejected=true"]))

@@ -51,6 +51,55 @@ def test_realism_is_perfect_for_the_real_image_and_not_for_a_refill(base, tmp_pa
     assert -1.0 <= generated["ssim_whole"]["mean"] <= 1.0
 
 
+class WholeCropNoise:
+    """A 'method' that rewrites every pixel: the real image inside the inpainting region, noise outside."""
+
+    def generate(self, inputs, noise_seeds):
+        real = np.asarray(inputs["image"], np.float32)
+        noise = np.random.default_rng(0).uniform(-1, 1, real.shape).astype(np.float32)
+        return np.where(np.asarray(inputs["mask"]) > 0, real, noise)
+
+
+def test_realism_scores_every_method_over_the_same_pixels(base, tmp_path):
+    """What a method writes outside the inpainting region is not scored (the real image stands
+    there): a method that rewrites the whole crop scores as one that keeps it, given the same region."""
+    cfg = tiny_config(base, tmp_path)
+    items = realism_items(prepare_arrays(cfg)[0]["train"], cfg.data, max_slices=4)
+    noisy = realism(WholeCropNoise(), items, seed=0)
+    for key in ("ssim_whole", "ssim_crop", "ssim_region"):
+        assert noisy[key]["mean"] == pytest.approx(1.0), key
+    for key in ("rmse_whole", "rmse_crop", "rmse_region"):
+        assert noisy[key]["mean"] == pytest.approx(0.0, abs=1e-6), key
+    pasted = realism(PasteActor({"blood_ratio": 3.0, "noise": 0.0}), items, seed=0)
+    assert pasted["rmse_region"]["mean"] > pasted["rmse_crop"]["mean"] > 0 and pasted["ssim_region"]["mean"] < 1
+
+
+def test_scar_intensity_ratios_and_their_distance_to_real():
+    from engine.evaluation.gates import ratio_distance
+    from engine.evaluation.metrics import region_quality, scar_intensity_ratios
+
+    label = np.zeros((3, 8, 8), np.uint8)
+    label[:, 0:4, :] = 1  # blood pool
+    label[:, 4:8, :] = 2  # remote myocardium
+    label[:2, 6:8, 0:2] = 3  # scar on slices 0 and 1
+    image = np.where(label == 1, 0.8, np.where(label == 2, 0.1, 0.0)).astype(np.float32)
+    image[label == 3] = 0.8
+    image[1][label[1] == 3] = 0.4
+    got = scar_intensity_ratios(image, label)
+    np.testing.assert_allclose(got["scar_blood"], [1.0, 0.5])
+    np.testing.assert_allclose(got["scar_remote"], [8.0, 4.0])
+    shifted = {k: v + 0.5 for k, v in got.items()}
+    distance = ratio_distance(shifted, got)
+    assert distance["scar_blood"]["wasserstein_to_real"] == pytest.approx(0.5)
+    assert distance["scar_remote"]["median"] == pytest.approx(6.5) and distance["scar_remote"]["n"] == 2
+    region = label[0] == 3
+    same = region_quality(image[0], image[0], region, 1.0)
+    assert same == {"ssim_region": pytest.approx(1.0), "rmse_region": 0.0}
+    other = image[0].copy()
+    other[region] = 0.0
+    assert region_quality(other, image[0], region, 1.0)["rmse_region"] == pytest.approx(0.8)
+
+
 def test_the_pools_channels_last_setting_reaches_the_actors(base, tmp_path):
     """synthesis.*.channels_last (default on) decides the layout of the actors' convolution weights."""
     import torch

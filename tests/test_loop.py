@@ -103,3 +103,16 @@ def test_loop_config_and_bullseye(tmp_path):
     weights_figure([{"round": 0, "weights": {}}, {"round": 1, "weights": {"segment": {"10": 2.5, "7": 0.3}}}],
                    {"segment": {"10": 3.0}}, path)
     assert path.stat().st_size > 5_000
+
+
+def test_the_loop_verdict_rests_on_the_paired_interval():
+    from engine.evaluation.loop import loop_verdict
+
+    inside = {"targeted_vs_uniform": {"balanced_accuracy": {"diff": 0.08, "ci95": [-0.02, 0.18]},
+                                      "auroc": {"diff": 0.05, "ci95": [-0.03, 0.12]}}}
+    assert "no difference shown" in loop_verdict(inside) and "+0.080 [-0.020, +0.180]" in loop_verdict(inside)
+    better = {"targeted_vs_uniform": {**inside["targeted_vs_uniform"], "auroc": {"diff": 0.1, "ci95": [0.02, 0.2]}}}
+    assert "targeting helps here" in loop_verdict(better)
+    worse = {"targeted_vs_uniform": {"balanced_accuracy": {"diff": -0.2, "ci95": [-0.3, -0.1]},
+                                     "auroc": {"diff": -0.02, "ci95": [-0.1, 0.05]}}}
+    assert "uniform is better here" in loop_verdict(worse)

@@ -485,3 +485,51 @@ def test_the_synthesis_tasks_modules_import_neither_torch_nor_monai():
             "import engine.settings; print('monai' in sys.modules)")  # every command's config: torch, no MONAI
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["[]", "False"]
+
+
+def _pool(n_real_pos: int = 30, n_real_neg: int = 70, n_syn: int = 20):
+    positive = np.r_[np.ones(n_real_pos, bool), np.zeros(n_real_neg, bool), np.ones(n_syn, bool)]
+    synthetic = np.r_[np.zeros(n_real_pos + n_real_neg, bool), np.ones(n_syn, bool)]
+    return positive, synthetic
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_paired_batches_share_the_real_draws_and_steps_of_every_arm(world):
+    """Real only and + synthetic: the same number of batches, and the same real draws in the same
+    order once the synthetic samples are taken out of each batch."""
+    from engine.training.loop import paired_batches
+
+    positive, synthetic = _pool()
+    real_only = (positive[:100], synthetic[:100])
+    for epoch in (0, 3):
+        for rank in range(world):
+            base = paired_batches(*real_only, 16, epoch, rank, world, seed=5)
+            mixed = paired_batches(positive, synthetic, 16, epoch, rank, world, seed=5, synthetic_fraction=0.4)
+            assert len(base) == len(mixed) == math.ceil(math.ceil(100 / world) / 16)
+            assert [[i for i in b if not synthetic[i]] for b in mixed] == base
+            assert any(len(m) > len(b) for m, b in zip(mixed, base))  # added, never in place of a real draw
+    # another seed draws other real slices
+    assert paired_batches(*real_only, 16, 0, 0, 1, seed=6) != paired_batches(*real_only, 16, 0, 0, 1, seed=5)
+
+
+@pytest.mark.parametrize("fraction, expected", [(0.4, 0.4), (0.75, 0.75), (None, 20 / 50)])
+def test_paired_batches_give_synthetic_samples_their_share_of_the_positive_draws(fraction, expected):
+    from engine.training.loop import paired_batches
+
+    positive, synthetic = _pool()
+    drawn = np.concatenate([np.concatenate(paired_batches(positive, synthetic, 16, e, 0, 1, 0, fraction))
+                            for e in range(200)]).astype(int)
+    real = drawn[~synthetic[drawn]]
+    assert positive[real].mean() == pytest.approx(0.5, abs=0.02)  # the real draws stay class-balanced
+    assert synthetic[drawn][positive[drawn]].mean() == pytest.approx(expected, abs=0.02)
+    assert set(drawn[synthetic[drawn]]) == set(np.flatnonzero(synthetic))  # every synthetic sample drawn
+
+
+def test_paired_batches_refuse_what_they_cannot_balance():
+    from engine.training.loop import paired_batches
+
+    positive, synthetic = _pool()
+    with pytest.raises(ValueError, match="synthetic_fraction must be in \\[0, 1\\)"):
+        paired_batches(positive, synthetic, 16, 0, 0, 1, 0, synthetic_fraction=1.0)
+    with pytest.raises(ValueError, match="cannot balance classes: 0 positive and 70 negative real slices"):
+        paired_batches(*_pool(n_real_pos=0), 16, 0, 0, 1, 0)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-QUALITY_KEYS = ("ssim_whole", "ssim_crop", "rmse_whole", "rmse_crop")
+QUALITY_KEYS = ("ssim_whole", "ssim_crop", "rmse_whole", "rmse_crop", "ssim_region", "rmse_region")
+RATIO_KEYS = ("scar_blood", "scar_remote")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class EvaluationConfig:
         report_dir: where the report goes (empty: ``<run_dir>/reports``).
         collapse_min_positive: a downstream model that calls fewer test patients positive than
             this, or all of them, is reported as collapsed.
+        test_cohort: a cohort in the EMIDEC layout whose patients are the test set (a second site,
+            or a phantom made with another seed and ``--first-case``): never used for training,
+            validation, calibration, thresholds or model selection; the run's own cohort then
+            splits into train and validation only. Empty: the test split of the run's cohort.
         bootstrap_resamples: resamples of the test patients for every interval (>= 1000).
         bootstrap_seed: the resampling's seed (the same resamples for every arm: paired).
     """
@@ -51,6 +56,7 @@ class EvaluationConfig:
     candidates: int = 0
     report_dir: str = ""
     collapse_min_positive: int = 1
+    test_cohort: str = ""
     bootstrap_resamples: int = 2000
     bootstrap_seed: int = 0
 
@@ -94,20 +100,58 @@ def realism_items(arrays, data_cfg, max_slices: int = 0) -> dict[str, Any]:
 
 def realism(actor, items: dict[str, Any], seed: int) -> dict[str, Any]:
     """Refill ``items`` with a method's actor (``generate(inputs, noise_seeds)``) and score the result
-    against the real images: per-sample SSIM/RMSE (whole, LV crop), their means and SDs, and the
-    generated images in [0, 1] (for the figures)."""
-    from engine.evaluation.metrics import image_quality
+    against the real images over the same pixels for every method: each method's output is kept
+    inside the inpainting region (the real scar dilated by ``data.mask_dilation``) and the real image
+    outside it, since paste rewrites only the scar pixels, LGESynthNet the dilated region and SPADE
+    or ControlNet the whole crop; whole-image and LV-crop SSIM and RMSE of that composite, and SSIM
+    and RMSE inside the region (:func:`engine.evaluation.metrics.region_quality`). Per-sample
+    scores' means and SDs, and the composites in [0, 1] (for the figures)."""
+    from engine.evaluation.metrics import image_quality, region_quality
 
     seeds = [int(seed) * 1_000_003 + i for i in range(len(items["image"]))]
     generated = np.asarray(actor.generate(items, seeds), np.float32)
-    gen01 = np.clip((generated[:, 0] + 1.0) / 2.0, 0.0, 1.0)
     real01 = (np.asarray(items["image"], np.float32)[:, 0] + 1.0) / 2.0
-    scores = [image_quality(g, r, lab) for g, r, lab in zip(gen01, real01, items["label"], strict=True)]
+    region = np.asarray(items["mask"])[:, 0] > 0
+    gen01 = np.where(region, np.clip((generated[:, 0] + 1.0) / 2.0, 0.0, 1.0), real01)
+    scores = [{**image_quality(g, r, lab), **region_quality(g, r, m, float(r.max() - r.min()))}
+              for g, r, lab, m in zip(gen01, real01, items["label"], region, strict=True)]
     out: dict[str, Any] = {"slices": len(scores), "seed": int(seed)}
     for key in QUALITY_KEYS:
         out[key] = mean_sd([s[key] for s in scores])
     out["images"] = gen01
     return out
+
+
+def ratio_distance(ratios: dict[str, np.ndarray], real: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How a method's scar intensities sit against real scar's: per ratio (scar / blood pool, scar /
+    remote myocardium), the median and interquartile range of each, and the 1-Wasserstein distance
+    between the two distributions (``scipy.stats.wasserstein_distance``; 0: the same)."""
+    from scipy.stats import wasserstein_distance
+
+    out: dict[str, Any] = {}
+    for key in RATIO_KEYS:
+        mine, theirs = np.asarray(ratios[key]), np.asarray(real[key])
+        entry: dict[str, Any] = {"n": int(len(mine))}
+        if len(mine):
+            entry["median"], entry["iqr"] = float(np.median(mine)), [float(q) for q in np.percentile(mine, [25, 75])]
+        if len(mine) and len(theirs):
+            entry["wasserstein_to_real"] = float(wasserstein_distance(mine, theirs))
+        out[key] = entry
+    return out
+
+
+def store_ratios(url: str, storage_options: dict | None = None, limit: int = 500) -> dict[str, np.ndarray]:
+    """Scar intensity ratios (:func:`engine.evaluation.metrics.scar_intensity_ratios`) of a store's
+    kept samples (at most ``limit``, evenly spread), their labels being the reward model's scar."""
+    from engine.evaluation.metrics import scar_intensity_ratios
+    from engine.synthesis.store import read_synthetic_arrays, synthetic_rows
+
+    rows = synthetic_rows(url, storage_options=storage_options)
+    if not len(rows):
+        return {key: np.zeros(0) for key in RATIO_KEYS}
+    rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(limit, len(rows))).round().astype(int))]
+    kept = read_synthetic_arrays(url, storage_options=storage_options, rows=rows)
+    return scar_intensity_ratios(np.asarray(kept["image"])[:, 0], np.asarray(kept["label"]))
 
 
 def real_positive_reference(reward_folder: str | Path, arrays, threshold: float) -> dict[str, float]:

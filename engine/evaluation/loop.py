@@ -213,7 +213,30 @@ def _scored_on_test(cfg, parts, trial: Mapping[str, Any]) -> dict[str, Any]:
     score = score_downstream(Path(cfg.run_dir) / trial["run"], parts["test"], parts["val"],
                              cfg.evaluation.collapse_min_positive)
     return {**{k: trial[k] for k in ("seed", "run", "n_used")}, "balanced_accuracy": float(score["balanced_accuracy"]),
-            "dice": float(score["dice"]), "collapsed": bool(score["collapsed"])}
+            "auroc": float(score["auroc"]), "dice": float(score["dice"]), "collapsed": bool(score["collapsed"]),
+            "patients": score["patient_records"]}
+
+
+def _test_comparison(cfg, arms: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Each test arm's metrics with their patient-level bootstrap intervals, and the paired
+    differences targeted - uniform and targeted - real only (engine.evaluation.stats)."""
+    from engine.evaluation.stats import PatientScores, paired_difference, summary
+
+    ev = cfg.evaluation
+    scores = {arm: PatientScores.from_runs([{"seed": r["seed"], "patients": r["patients"]} for r in runs])
+              for arm, runs in arms.items()}
+    out: dict[str, Any] = {}
+    for arm, runs in arms.items():
+        out[arm] = {**summary(scores[arm], ("balanced_accuracy", "auroc", "dice"), ev.bootstrap_resamples,
+                              ev.bootstrap_seed),
+                    "collapsed": sum(bool(r["collapsed"]) for r in runs),
+                    "runs": [{k: r[k] for k in ("seed", "run", "balanced_accuracy", "auroc", "dice", "collapsed", "n_used")}
+                             for r in runs]}
+    for other in ("uniform", "real_only"):
+        out[f"targeted_vs_{other}"] = paired_difference(scores["targeted"], scores[other], ("balanced_accuracy", "auroc"),
+                                                        ev.bootstrap_resamples, ev.bootstrap_seed,
+                                                        what=f"targeted vs {other}")
+    return out
 
 
 def _summary(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -293,8 +316,9 @@ def _run_loop(cfg, sequential: bool, log: Callable[[str], None]) -> dict[str, An
         log(f"loop: the last round kept {n_final} samples: training the uniform arm with {n_final} too")
         uniform = [t for t in _trained(round_config(cfg, out_dir, 0, {}), parts, stores[0], n_final, False,
                                        out_dir / "tune" / "uniform-equal-n", log) if t["method"] != REAL]
-    test = {arm: _summary([_scored_on_test(cfg, all_parts, run) for run in runs])
-            for arm, runs in (("real_only", real_runs), ("uniform", uniform), ("targeted", round_runs[-1]))}
+    test = _test_comparison(cfg, {arm: [_scored_on_test(cfg, all_parts, run) for run in runs]
+                                  for arm, runs in (("real_only", real_runs), ("uniform", uniform),
+                                                    ("targeted", round_runs[-1]))})
     result = {"loop": dataclasses.asdict(lp), "n_synthetic": n, "rounds": history, "test": test,
               "final_weights": weights, "seconds": round(time.perf_counter() - started, 1)}
     result["outputs"] = write_outputs(result, out_dir)
@@ -309,7 +333,10 @@ def _run_loop(cfg, sequential: bool, log: Callable[[str], None]) -> dict[str, An
 
 
 def _ms(value: Mapping[str, Any]) -> str:
-    return "n/a" if not value["n"] else f"{value['mean']:.3f} ± {value['sd']:.3f}"
+    if not value["n"]:
+        return "n/a"
+    lo, hi = value.get("ci95") or (None, None)
+    return f"{value['mean']:.3f} ± {value['sd']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -327,25 +354,36 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {entry['round']} | {'' if rate is None else f'{rate:.1%}'} | {entry['kept']} | "
                      f"{_ms(entry['val']['balanced_accuracy'])} | {_ms(entry['val']['dice'])} | "
                      f"{entry['val']['collapsed']} | {top} |")
-    lines += ["", "Test patients (detection threshold calibrated on validation), mean ± SD over seeds:", "",
-              "| training | balanced accuracy | Dice | collapsed |", "|---|---|---|---|"]
+    lines += ["", "Test patients (detection threshold calibrated on validation), mean ± SD over seeds [95% interval "
+              "from a bootstrap of the test patients, seeds averaged inside each resample]:", "",
+              "| training | balanced accuracy | AUROC | Dice | collapsed |", "|---|---|---|---|---|"]
     def used(arm: str) -> str:
         return "/".join(str(n) for n in sorted({int(r["n_used"]) for r in test[arm]["runs"]})) or "0"
 
     for arm, label in (("real_only", "real only"), ("uniform", f"+ {used('uniform')} uniform (the configured sampler)"),
                        ("targeted", f"+ {used('targeted')} targeted (round {lp['rounds'] - 1})")):
-        lines.append(f"| {label} | {_ms(test[arm]['balanced_accuracy'])} | {_ms(test[arm]['dice'])} | "
-                     f"{test[arm]['collapsed']} of {len(test[arm]['runs'])} |")
-    diff = test["targeted"]["balanced_accuracy"]["mean"] - test["uniform"]["balanced_accuracy"]["mean"]
-    spread = max(test["targeted"]["balanced_accuracy"]["sd"], test["uniform"]["balanced_accuracy"]["sd"])
-    if not np.isfinite(diff):
-        verdict = "no comparison: an arm has no finite score"
-    elif abs(diff) <= spread:
-        verdict = f"targeted vs uniform: {diff:+.3f} balanced accuracy, within one SD over seeds ({spread:.3f}): no difference shown"
-    else:
-        verdict = f"targeted vs uniform: {diff:+.3f} balanced accuracy, beyond one SD over seeds ({spread:.3f}): {'targeted' if diff > 0 else 'uniform'} wins here"
-    lines += ["", f"Verdict: {verdict}.", "", "Segment weights per round: `weights.png` (AHA bull's-eye)."]
+        lines.append(f"| {label} | {_ms(test[arm]['balanced_accuracy'])} | {_ms(test[arm]['auroc'])} | "
+                     f"{_ms(test[arm]['dice'])} | {test[arm]['collapsed']} of {len(test[arm]['runs'])} |")
+    lines += ["", f"Verdict: {loop_verdict(test)}.", "", "Segment weights per round: `weights.png` (AHA bull's-eye)."]
     return "\n".join(lines) + "\n"
+
+
+def loop_verdict(test: Mapping[str, Any]) -> str:
+    """Targeted vs uniform on the test patients: a win only where the paired interval of the
+    difference in balanced accuracy or AUROC excludes zero without a significant loss on the other
+    (:func:`engine.evaluation.report.shown_better`), else "not shown" with the intervals."""
+    from engine.evaluation.report import _diff, shown_better
+
+    diff = test.get("targeted_vs_uniform") or {}
+    text = ", ".join(f"{name} {_diff(diff.get(key))}" for key, name in (("balanced_accuracy", "balanced accuracy"),
+                                                                        ("auroc", "AUROC")))
+    if shown_better(diff):
+        return f"targeted vs uniform: {text} (paired 95% intervals): targeting helps here"
+    flipped = {k: {"ci95": [-v["ci95"][1], -v["ci95"][0]]} for k, v in diff.items()
+               if (v.get("ci95") or [None])[0] is not None}
+    if shown_better(flipped):
+        return f"targeted vs uniform: {text} (paired 95% intervals): uniform is better here"
+    return f"targeted vs uniform: {text} (paired 95% intervals): no difference shown"
 
 
 # bull's-eye layout (the AHA's display convention: anterior up, septum left): ring of each level,

@@ -210,6 +210,52 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float | None = None) -> float
     return float(structural_similarity(a, b, data_range=data_range, win_size=win_size))
 
 
+def region_quality(generated: np.ndarray, reference: np.ndarray, region: np.ndarray, data_range: float) -> dict[str, float]:
+    """SSIM and RMSE inside ``region`` only: the mean of skimage's SSIM map over the region's pixels
+    (each pixel's SSIM from its 7x7 neighbourhood), and the RMSE over them.
+
+    Returns:
+        ``{"ssim_region", "rmse_region"}``; NaN for an empty region.
+    """
+    from skimage.metrics import structural_similarity
+
+    generated, reference = np.asarray(generated, np.float64), np.asarray(reference, np.float64)
+    region = _as_mask(region, "region")
+    _check_same_shape(generated, reference, ("generated", "reference"))
+    _check_same_shape(reference, region, ("reference", "region"))
+    if not region.any():
+        return {"ssim_region": float("nan"), "rmse_region": float("nan")}
+    _, ssim_map = structural_similarity(generated, reference, data_range=data_range, full=True)
+    return {"ssim_region": float(ssim_map[region].mean()),
+            "rmse_region": float(np.sqrt(np.mean((generated[region] - reference[region]) ** 2)))}
+
+
+def scar_intensity_ratios(image: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    """How scar looks against its surroundings, per slice that holds scar, blood pool and remote
+    myocardium: mean scar intensity (labels 3-4) over the mean blood pool (label 1) and over the
+    mean remote myocardium (label 2). In LGE both sit around 1 for scar against blood and well
+    above 1 against the nulled remote myocardium.
+
+    Args:
+        image: ``[N, H, W]`` intensities (any unit: ratios are unitless).
+        label: ``[N, H, W]`` DOMAIN labels.
+
+    Returns:
+        ``{"scar_blood": [n], "scar_remote": [n]}`` over the ``n`` slices where all three are present.
+    """
+    image, label = np.asarray(image, np.float64), np.asarray(label)
+    _check_same_shape(image, label, ("image", "label"))
+    blood, remote = [], []
+    for img, lab in zip(image, label):
+        scar, pool, myo = lab >= 3, lab == 1, lab == 2
+        if scar.any() and pool.any() and myo.any():
+            s, b, m = img[scar].mean(), img[pool].mean(), img[myo].mean()
+            if b > 0 and m > 0:
+                blood.append(s / b)
+                remote.append(s / m)
+    return {"scar_blood": np.asarray(blood), "scar_remote": np.asarray(remote)}
+
+
 def image_quality(generated: np.ndarray, reference: np.ndarray, label: np.ndarray, margin: int = 8) -> dict[str, float]:
     """SSIM and RMSE of a generated slice against its reference, whole image and cropped around the LV.
 

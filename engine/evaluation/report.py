@@ -107,13 +107,35 @@ def markdown(result: dict[str, Any]) -> str:
            "inside the predicted myocardium (mm²); AUROC is threshold-free, the threshold of the other detection "
            "metrics is calibrated on the validation patients of each run.", "",
            "## Image quality and alignment (the paper's Table 1)", "",
-           "| method | SSIM whole | SSIM LV crop | RMSE whole | RMSE LV crop | candidates | pass rate | Dice-TP |",
-           "|---|---|---|---|---|---|---|---|",
-           f"| real positives (reward model reference) | | | | | {ref['slices']} slices | {_pct(ref['pass_rate'])} | {_num(ref['dice_tp'])} |"]
+           "Every method is scored over the same pixels: its refill kept inside the inpainting region (the real scar "
+           "dilated), the real image outside it (paste rewrites only the scar, LGESynthNet the region, SPADE and "
+           "ControlNet the whole crop). Mean ± SD over slices.", "",
+           "| method | SSIM whole | SSIM LV crop | SSIM region | RMSE whole | RMSE LV crop | RMSE region | candidates | pass rate | Dice-TP |",
+           "|---|---|---|---|---|---|---|---|---|---|",
+           f"| real positives (reward model reference) | | | | | | | {ref['slices']} slices | {_pct(ref['pass_rate'])} | {_num(ref['dice_tp'])} |"]
     for name, entry in result["methods"].items():
         rea, ali = entry.get("realism") or {}, entry["alignment"]
-        out.append(f"| {name} | {_fmt(rea.get('ssim_whole'))} | {_fmt(rea.get('ssim_crop'))} | {_fmt(rea.get('rmse_whole'))} | "
-                   f"{_fmt(rea.get('rmse_crop'))} | {ali['made']} | {_pct(ali['pass_rate'])} | {_num(ali['dice_tp'])} |")
+        out.append(f"| {name} | {_fmt(rea.get('ssim_whole'))} | {_fmt(rea.get('ssim_crop'))} | {_fmt(rea.get('ssim_region'))} | "
+                   f"{_fmt(rea.get('rmse_whole'))} | {_fmt(rea.get('rmse_crop'))} | {_fmt(rea.get('rmse_region'))} | "
+                   f"{ali['made']} | {_pct(ali['pass_rate'])} | {_num(ali['dice_tp'])} |")
+    appearance = [("real positives", result.get("real_scar_appearance"))] + [
+        (n, e.get("scar_appearance")) for n, e in result["methods"].items()]
+    if any(a for _, a in appearance):
+        out += ["", "## How the scar looks (kept samples against real positive slices)", "",
+                "| | scar / blood pool: median [IQR] | distance to real | scar / remote myocardium: median [IQR] | distance to real | slices |",
+                "|---|---|---|---|---|---|"]
+        for name, entry in appearance:
+            if not entry:
+                continue
+            cells = []
+            for key in ("scar_blood", "scar_remote"):
+                e = entry.get(key) or {}
+                iqr = e.get("iqr") or [math.nan, math.nan]
+                cells += [f"{_num(e.get('median'), 2)} [{_num(iqr[0], 2)}, {_num(iqr[1], 2)}]",
+                          _num(e.get("wasserstein_to_real"), 3) if name != "real positives" else ""]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {(entry.get('scar_blood') or {}).get('n', 0)} |")
+        out += ["", "Distance: the 1-Wasserstein distance between the method's and the real ratios (0: the same "
+                "distribution); figure ratios.png."]
     out += ["", "## Downstream utility (the paper's downstream table)", "",
             "| training | n synthetic | balanced accuracy | AUROC | Dice | Dice-TP | myocardium Dice | accuracy | "
             "[TN, FP, FN, TP] per seed | collapsed |",
@@ -142,7 +164,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "## Verdict", "", *[f"- {line}" for line in verdict(result)]]
     if notes:
         out += ["", "## Notes", "", *notes]
-    out += ["", f"Figures: realism.png, samples.png, dice_hist.png. Wall time {result.get('seconds', 0):.0f} s.", ""]
+    out += ["", f"Figures: realism.png, samples.png, dice_hist.png, ratios.png. Wall time {result.get('seconds', 0):.0f} s.", ""]
     return "\n".join(out)
 
 
@@ -207,6 +229,28 @@ def samples_figure(result: dict[str, Any], path: Path, storage_options=None, cou
     fig.savefig(path, dpi=90)
 
 
+def ratio_figure(ratios: dict[str, dict[str, np.ndarray]] | None, path: Path) -> None:
+    """Histograms of scar / blood pool and scar / remote myocardium: real positives and each method's kept samples."""
+    if not ratios or not any(len(r.get("scar_blood", [])) for r in ratios.values()):
+        return
+    fig = _figure(1, 2, size=4.0)
+    axes = fig.subplots(1, 2)
+    for ax, key, title in zip(axes, ("scar_blood", "scar_remote"), ("scar / blood pool", "scar / remote myocardium")):
+        values = [v for r in ratios.values() for v in np.asarray(r.get(key, []))]
+        if not values:
+            continue
+        bins = np.linspace(min(values), max(values), 25)
+        for name, r in ratios.items():
+            if len(r.get(key, [])):
+                ax.hist(r[key], bins=bins, density=True, histtype="step", linewidth=2 if name == "real" else 1.2,
+                        color="k" if name == "real" else None, label=f"{name} ({len(r[key])})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("ratio of mean intensities")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def dice_histogram(result: dict[str, Any], path: Path) -> None:
     fig = _figure(1, 1, size=4.0)
     ax = fig.subplots()
@@ -223,18 +267,19 @@ def dice_histogram(result: dict[str, Any], path: Path) -> None:
 
 
 def write_report(result: dict[str, Any], out_dir: Path, *, storage_options=None, realism_real: np.ndarray | None = None,
-                 realism_scars: np.ndarray | None = None) -> dict[str, str]:
+                 realism_scars: np.ndarray | None = None, ratios: dict[str, Any] | None = None) -> dict[str, str]:
     """Write JSON, markdown and figures to ``out_dir``; their paths."""
     from engine.evaluation.run import dumps
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "evaluation.json", "markdown": out_dir / "evaluation.md", "realism": out_dir / "realism.png",
-             "samples": out_dir / "samples.png", "dice_hist": out_dir / "dice_hist.png"}
+             "samples": out_dir / "samples.png", "dice_hist": out_dir / "dice_hist.png", "ratios": out_dir / "ratios.png"}
     result = {**result, "verdict": result.get("verdict") or verdict(result)}
     paths["json"].write_text(dumps(result) + "\n")
     paths["markdown"].write_text(markdown(result))
     realism_figure(result, realism_real, realism_scars, paths["realism"])
     samples_figure(result, paths["samples"], storage_options)
     dice_histogram(result, paths["dice_hist"])
+    ratio_figure(ratios, paths["ratios"])
     return {k: str(v) for k, v in paths.items() if v.exists()}

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.evaluation.gates import (
+    ratio_distance,
     real_positive_reference,
     realism,
     realism_items,
     store_alignment,
+    store_ratios,
 )
+from engine.evaluation.metrics import scar_intensity_ratios
 
 UTILITY_KEYS = ("dice", "dice_tp", "myocardium_dice", "auroc", "accuracy", "balanced_accuracy")
 COMPARED_KEYS = ("balanced_accuracy", "auroc", "dice")  # each method vs real only and vs paste
@@ -155,6 +158,10 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     log(f"evaluate: reward model on real {ev.realism_split} positives: pass rate {result['reference']['pass_rate']:.1%} "
         f"(the paper: 35.6%)")
     has_positives = bool((parts[ev.realism_split].label >= 3).any())
+    # how scar looks against blood pool and remote myocardium: the real positive slices, then each method's kept samples
+    real_split = parts[ev.realism_split]
+    ratios = {"real": scar_intensity_ratios(real_split.image[:, 0], real_split.label)}
+    result["real_scar_appearance"] = ratio_distance(ratios["real"], ratios["real"])
     real_images = real_scars = None
     for method in ev.methods:
         mcfg = method_config(cfg, method)
@@ -170,6 +177,8 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         summary = synthesize(mcfg, sequential=sequential, log=log, parts=parts)
         entry["synthesis"] = {k: summary[k] for k in ("candidates", "made", "kept", "pass_rate")}
         entry["alignment"] = store_alignment(job.url, threshold, cfg.synthesis.storage_options)
+        ratios[method] = store_ratios(job.url, cfg.synthesis.storage_options)
+        entry["scar_appearance"] = ratio_distance(ratios[method], ratios["real"])
         result["methods"][method] = entry
     kept_by = {m: e["alignment"]["kept"] for m, e in result["methods"].items()}
     fewest = min([k for k in kept_by.values() if k > 0], default=0)
@@ -204,7 +213,7 @@ def evaluate(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     out_dir = Path(ev.report_dir or Path(cfg.run_dir) / "reports")
     result["verdict"] = verdict(result)
     result["report"] = write_report(result, out_dir, storage_options=cfg.synthesis.storage_options,
-                                    realism_real=real_images, realism_scars=real_scars)
+                                    realism_real=real_images, realism_scars=real_scars, ratios=ratios)
     log(f"evaluate: report in {out_dir} ({result['seconds']:.0f} s)")
     return result
 

@@ -238,7 +238,8 @@ def absolute_paths(cfg):
         vae=dataclasses.replace(cfg.vae, pretrained=local(cfg.vae.pretrained)),
         downstream=dataclasses.replace(ds, synthetic=local(ds.synthetic),
                                        ray=dataclasses.replace(ds.ray, storage_path=local(ds.ray.storage_path))),
-        evaluation=dataclasses.replace(cfg.evaluation, report_dir=local(cfg.evaluation.report_dir)),
+        evaluation=dataclasses.replace(cfg.evaluation, report_dir=local(cfg.evaluation.report_dir),
+                                       test_cohort=local(cfg.evaluation.test_cohort)),
     )
 
 
@@ -380,6 +381,24 @@ def summarize(trials: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, A
     return rows
 
 
+def add_intervals(rows: list[dict[str, Any]], trials: Sequence[Mapping[str, Any]], run_dir: str | Path,
+                  split: str = "val", resamples: int = 2000, seed: int = 0) -> None:
+    """Each row's metrics get their 95% patient-level bootstrap interval (``ci95``) over the
+    patients its trials were scored on (:func:`engine.evaluation.stats.summary`; seeds averaged
+    inside each resample), in place. Rows with no trained run keep none."""
+    from engine.evaluation.run import patient_scores
+    from engine.evaluation.stats import summary
+
+    for row in rows:
+        runs = [{"run": t["run"], "seed": int(t["seed"])} for t in trials
+                if t.get("run") and _same_setting(t, {**row, "n": row["n_synthetic"]})]
+        if not runs:
+            continue
+        scores = patient_scores(run_dir, runs, split)
+        for key, stat in summary(scores, RESULT_KEYS, n_resamples=resamples, seed=seed).items():
+            row[key]["ci95"] = stat["ci95"]
+
+
 def best_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The row of highest mean validation balanced accuracy; ties go to fewer samples (used, then
     asked for), then to the earlier row. None when no row has a finite mean."""
@@ -424,15 +443,16 @@ def markdown(result: Mapping[str, Any]) -> str:
     sw = result["sweep"]
     out = [f"# Sweep `{sw['name']}`: synthetic sample count x filter threshold", "",
            "Downstream models trained on the real train patients plus N synthetic samples with Dice > threshold, "
-           f"scored on the validation patients (mean ± SD over seeds {sw['seeds']}); the patient-level detection "
+           f"scored on the validation patients (mean ± SD over seeds {sw['seeds']} [95% interval from a bootstrap of "
+           "the validation patients, seeds averaged inside each resample]); the patient-level detection "
            "threshold is calibrated on the real train patients. The test patients are not used.", "",
-           "| method | Dice > | n synthetic | n used | balanced accuracy | Dice | Dice-TP | accuracy | seeds | collapsed |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| method | Dice > | n synthetic | n used | balanced accuracy | AUROC | Dice | myocardium Dice | accuracy | seeds | collapsed |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         method = "real only" if row["method"] == REAL else row["method"]
         out.append(f"| {method} | {_threshold_text(row['threshold'])} | {row['n_synthetic']} | {_used_text(row)} | "
-                   f"{_fmt(row['balanced_accuracy'])} | {_fmt(row['dice'])} | {_fmt(row['dice_tp'])} | "
-                   f"{_fmt(row['accuracy'])} | {len(row['seeds'])} | {row['collapsed']} |")
+                   f"{_fmt(row['balanced_accuracy'])} | {_fmt(row.get('auroc'))} | {_fmt(row['dice'])} | "
+                   f"{_fmt(row.get('myocardium_dice'))} | {_fmt(row['accuracy'])} | {len(row['seeds'])} | {row['collapsed']} |")
     out += ["", f"Best setting: {best_text(result['best'])}", ""]
     if result["errors"]:
         out += ["## Errored trials (retried when the sweep is run again)", ""]
@@ -446,20 +466,28 @@ def best_text(best: Mapping[str, Any] | None) -> str:
         return "none (no finished trial)"
     what = "real only" if best["method"] == REAL else (
         f"{best['method']}, Dice > {best['threshold']:g}, n = {best['n_synthetic']}")
-    return f"{what}: validation balanced accuracy {best['balanced_accuracy']['mean']:.3f} ± {best['balanced_accuracy']['sd']:.3f}"
+    ba = best["balanced_accuracy"]
+    lo, hi = ba.get("ci95") or (None, None)
+    interval = f", 95% interval [{lo:.3f}, {hi:.3f}] over the validation patients" if lo is not None else ""
+    return f"{what}: validation balanced accuracy {ba['mean']:.3f} ± {ba['sd']:.3f}{interval}"
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     columns = ["method", "threshold", "n_synthetic", "n_used", "seeds", "short", "collapsed"]
-    columns += [f"{key}_{stat}" for key in RESULT_KEYS for stat in ("mean", "sd")]
+    columns += [f"{key}_{stat}" for key in RESULT_KEYS for stat in ("mean", "sd", "ci95_lo", "ci95_hi")]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
+            values = {}
+            for key in RESULT_KEYS:
+                lo, hi = row[key].get("ci95") or (None, None)
+                values.update({f"{key}_mean": row[key]["mean"], f"{key}_sd": row[key]["sd"], f"{key}_ci95_lo": lo,
+                               f"{key}_ci95_hi": hi})
             writer.writerow({"method": row["method"], "threshold": _threshold_text(row["threshold"]),
                              "n_synthetic": row["n_synthetic"], "n_used": "/".join(map(str, row["n_used"])),
                              "seeds": len(row["seeds"]), "short": row["short"], "collapsed": row["collapsed"],
-                             **{f"{key}_{stat}": row[key][stat] for key in RESULT_KEYS for stat in ("mean", "sd")}})
+                             **values})
 
 
 def roi_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -756,6 +784,7 @@ def _sweep_in(cfg, out_dir: Path, grid, stores, parts, callbacks, call: str, sta
     trials, errors = run_trials(cfg, parts, stores, grid, list(sw.seeds), out_dir, call=call, score_on="val",
                                 callbacks=callbacks, log=log)
     rows = summarize(trials, grid)
+    add_intervals(rows, trials, cfg.run_dir, "val", cfg.evaluation.bootstrap_resamples, cfg.evaluation.bootstrap_seed)
     result: dict[str, Any] = {
         "sweep": to_dict(sw), "grid": grid, "stores": stores, "trials": trials, "rows": rows, "best": best_setting(rows),
         "errors": errors, "restored": restored, "experiment": str(out_dir),

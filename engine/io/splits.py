@@ -25,10 +25,10 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def _check_fractions(fractions: Sequence[float], names: Sequence[str] = SPLITS) -> tuple[float, ...]:
     values = tuple(fractions)
-    if len(values) != len(SPLITS):
-        raise ValueError(f"split fractions must be three numbers {SPLITS}, got {fractions!r}")
+    if len(values) != len(names):
+        raise ValueError(f"split fractions must be {len(names)} numbers {tuple(names)}, got {fractions!r}")
     if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0 for f in values):
         raise ValueError(f"split fractions must all be > 0, got {fractions!r}")
     if not math.isclose(sum(values), 1.0, abs_tol=1e-6):
@@ -52,27 +52,30 @@ def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-def split_patients(patients: dict[str, bool], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[str]]:
+def split_patients(patients: dict[str, bool], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
+                   names: Sequence[str] = SPLITS) -> dict[str, list[str]]:
     """Split patients into train/val/test, stratified by their positive flag (see module docstring).
 
     Args:
         patients: patient id -> positive (any slice holds scar).
-        fractions: shares of train, val, test; each > 0, summing to 1.
+        fractions: shares of the splits; each > 0, summing to 1.
         seed: the shuffle seed.
+        names: the splits (default train, val, test; train and val alone where the test patients
+            come from another cohort).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``, each list sorted; every patient in exactly one.
     """
-    fractions = _check_fractions(fractions)
+    fractions = _check_fractions(fractions, names)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"split seed must be a non-negative integer, got {seed!r}")
-    out: dict[str, list[str]] = {name: [] for name in SPLITS}
+    out: dict[str, list[str]] = {name: [] for name in names}
     for stratum in (True, False):
         ids = sorted(pid for pid, positive in patients.items() if bool(positive) is stratum)
         rng = np.random.default_rng([int(seed), int(stratum)])
         shuffled = [ids[i] for i in rng.permutation(len(ids))]
         start = 0
-        for name, count in zip(SPLITS, _allocate(len(ids), fractions)):
+        for name, count in zip(names, _allocate(len(ids), fractions)):
             out[name].extend(shuffled[start : start + count])
             start += count
     return {name: sorted(ids) for name, ids in out.items()}

@@ -149,7 +149,8 @@ def _clear_previous(out: Path) -> None:
 
 
 def write_phantom_cohort(
-    out_dir: str | os.PathLike, n_patients: int, seed: int = 0, cfg: PhantomConfig | None = None
+    out_dir: str | os.PathLike, n_patients: int, seed: int = 0, cfg: PhantomConfig | None = None,
+    first_case: int = 1,
 ) -> list[dict]:
     """Generate ``n_patients`` phantom patients and write them in the EMIDEC layout.
 
@@ -161,6 +162,9 @@ def write_phantom_cohort(
         n_patients: number of patients (>= 1).
         seed: cohort seed.
         cfg: phantom configuration (defaults to ``PhantomConfig()``).
+        first_case: the case number of patient 0 (patient ``i`` is ``Case_P<first_case + i>`` or
+            ``Case_N...``): a test cohort numbered from, say, 1001 shares no id with a training
+            cohort of fewer than 1000 patients.
 
     Returns:
         The manifest: one dict per patient (see :func:`manifest_entry`), also written to
@@ -168,12 +172,14 @@ def write_phantom_cohort(
     """
     if not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
         raise ValueError(f"n_patients must be an int >= 1, got {n_patients!r}")
+    if not isinstance(first_case, (int, np.integer)) or first_case < 1:
+        raise ValueError(f"first_case must be an int >= 1, got {first_case!r}")
     cfg = cfg or PhantomConfig()
     out = Path(out_dir)
     _clear_previous(out)
     manifest = []
     for i in range(int(n_patients)):
-        patient = generate_patient(i, seed, cfg)
+        patient = generate_patient(i, seed, cfg, case_number=int(first_case) + i)
         manifest.append(manifest_entry(patient, *case_paths(patient.patient_id)))
         # listed before its files exist, so a re-run after a crash knows every folder it made
         (out / MANIFEST_JSON).write_text(json.dumps(manifest, indent=1) + "\n")

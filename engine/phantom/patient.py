@@ -140,16 +140,19 @@ def _outside_territory(label: np.ndarray, levels: list, territory: str) -> np.nd
     return out
 
 
-def generate_patient(index: int, seed: int = 0, cfg: PhantomConfig | None = None) -> PhantomPatient:
+def generate_patient(index: int, seed: int = 0, cfg: PhantomConfig | None = None,
+                     case_number: int | None = None) -> PhantomPatient:
     """Generate phantom patient ``index`` of the cohort drawn with ``seed``.
 
     Deterministic: the patient depends only on ``(seed, index, cfg)``, not on how many patients
     are generated or in which order.
 
     Args:
-        index: patient index (>= 0); the case number is ``index + 1``.
+        index: patient index (>= 0).
         seed: cohort seed.
         cfg: phantom configuration (defaults to ``PhantomConfig()``).
+        case_number: the number in its id (``Case_P<number>``; default ``index + 1``), so that a
+            second cohort (an external test set) can be numbered apart from the first.
     """
     cfg = cfg or PhantomConfig()
     plan = plan_patient(index, seed, cfg)
@@ -187,6 +190,6 @@ def generate_patient(index: int, seed: int = 0, cfg: PhantomConfig | None = None
         "contrast": plan.contrast.summary(),
         "heart": plan.heart.params,
     }
-    patient_id = f"Case_{'P' if positive else 'N'}{index + 1:03d}"
+    patient_id = f"Case_{'P' if positive else 'N'}{(index + 1 if case_number is None else case_number):03d}"
     spacing = (float(plan.slice_mm), float(plan.pixel_mm), float(plan.pixel_mm))
     return PhantomPatient(patient_id=patient_id, image=image, label=label, spacing=spacing, meta=meta)

@@ -1,8 +1,9 @@
 """Stage: train the downstream DenseNet121-based scar + myocardium segmenter (DOMAIN.md section 5).
 
 Real train patients alone, or with ``n_synthetic`` filtered samples from a synthetic store;
-class-balanced draws (positive and negative slices equally often) guard against the collapse to
-"no scar" seen with small real-only sets. Validated on the val patients: scar Dice on positive
+class-balanced draws of the real slices (positive and negative equally often) guard against the
+collapse to "no scar" seen with small real-only sets, and every arm shares them: synthetic samples
+are added to the batches (``synthetic_fraction``), so arms differ only in their synthetic data. Validated on the val patients: scar Dice on positive
 slices, myocardium Dice and patient-level detection (a patient is positive when its largest
 component of predicted scar inside the predicted myocardium exceeds ``detection_min_mm2``; AUROC
 of that score). Exported to ``<run_dir>/<name>/``.
@@ -45,6 +46,9 @@ class DownstreamStageConfig:
             evaluation calibrates it on the validation patients): a patient is positive when its
             largest component of predicted scar inside the predicted myocardium, over its slices,
             is larger than this (mm^2).
+        synthetic_fraction: the synthetic samples' share among the positive draws, added to the
+            batches of real draws (which every arm shares: :func:`engine.training.loop.paired_batches`);
+            None (default): their share of all positive samples, real and synthetic.
         name: the run name (``<run_dir>/<name>/``), so real-only and mixed models can live side by side.
         augment: augment the training slices as the ``data`` section says (false: never; random
             affine resampling costs about as much CPU as the model's own step at 64 px, so short CPU
@@ -58,6 +62,7 @@ class DownstreamStageConfig:
     n_synthetic: int = 0
     synthetic_min_dice: float | None = None
     detection_min_mm2: float = 10.0
+    synthetic_fraction: float | None = None
     name: str = STAGE
     augment: bool = True
 
@@ -67,6 +72,8 @@ class DownstreamStageConfig:
             raise ValueError(f"n_synthetic must be >= 0, got {self.n_synthetic}")
         if self.synthetic_min_dice is not None and not -1.0 <= self.synthetic_min_dice < 1.0:
             raise ValueError(f"synthetic_min_dice must be None or in [-1, 1) (Dice > it), got {self.synthetic_min_dice}")
+        if self.synthetic_fraction is not None and not 0.0 <= self.synthetic_fraction < 1.0:
+            raise ValueError(f"synthetic_fraction must be None or in [0, 1), got {self.synthetic_fraction}")
         if self.detection_min_mm2 < 0:
             raise ValueError(f"detection_min_mm2 must be >= 0, got {self.detection_min_mm2}")
 
@@ -157,6 +164,7 @@ def patient_detection_metrics(model, arrays, device, min_mm2: float, batch_size:
 def downstream_worker(config: dict[str, Any]) -> None:
     """Ray Train worker of the downstream stage."""
     from engine.models.downstream import build_downstream_model, downstream_loss_fn
+    from engine.training.loop import paired_batches
     from engine.training.runner import worker_setup
     from engine.training.segmentation import scar_validation, train_segmentation_model
 
@@ -171,8 +179,17 @@ def downstream_worker(config: dict[str, Any]) -> None:
         metrics.update(patient_detection_metrics(net, val, setup.device, stage.detection_min_mm2))
         return metrics
 
+    train = setup.arrays["train"]
+    positive, synthetic = np.asarray(train.positive, bool), np.asarray(train.synthetic, bool)
+
+    def batches(epoch: int, rank: int, world: int) -> list[list[int]]:
+        # every arm (real only, + any method) the same real draws and steps; synthetic samples added
+        return paired_batches(positive, synthetic, stage.loop.batch_size, epoch, rank, world, stage.loop.seed,
+                              stage.synthetic_fraction)
+
     train_segmentation_model(
         config, setup, name=STAGE, net=net, loss_fn=downstream_loss_fn(stage.model), outputs="scar+myocardium",
+        batch_plan=batches,
         input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
         export_record={"n_synthetic": stage.n_synthetic, "synthetic": config["synthetic"],
                        "synthetic_min_dice": stage.synthetic_min_dice,

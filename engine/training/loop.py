@@ -104,6 +104,51 @@ def epoch_indices(n: int, epoch: int, rank: int, world: int, seed: int, weights:
     return np.random.default_rng([seed, epoch, rank]).choice(n, size=per_rank, replace=True, p=p / p.sum()).tolist()
 
 
+def paired_batches(positive: np.ndarray, synthetic: np.ndarray, batch_size: int, epoch: int, rank: int, world: int,
+                   seed: int, synthetic_fraction: float | None = None) -> list[list[int]]:
+    """This rank's batches of an epoch for arms that must differ only in their synthetic samples.
+
+    The real draws are those of :func:`epoch_indices` over the real samples alone, class-balanced
+    (positive and negative real slices equally often): the same draws in the same order, cut into
+    the same batches, whatever synthetic samples an arm has. Synthetic samples (all positive) are
+    added to the batches, never drawn in place of a real slice: a batch with ``k`` real positive draws
+    gets ``k * f / (1 - f)`` synthetic ones (stochastically rounded, drawn uniformly with
+    replacement, from generators of their own), so that ``f`` is their share among the positive
+    draws. Every arm thus takes the same number of optimizer steps and sees the same real slices.
+
+    Args:
+        positive, synthetic: bool ``[N]`` per sample of the training set (real and synthetic).
+        synthetic_fraction: ``f`` in [0, 1); None: the synthetic samples' share of all positive
+            samples, as if they had joined the real positives' pool.
+
+    Returns:
+        ``ceil(ceil(n_real / world) / batch_size)`` lists of sample indices into the training set.
+    """
+    positive, synthetic = np.asarray(positive, bool), np.asarray(synthetic, bool)
+    real = np.flatnonzero(~synthetic)
+    real_positive = positive[real]
+    if real_positive.all() or not real_positive.any():
+        raise ValueError(f"cannot balance classes: {int(real_positive.sum())} positive and "
+                         f"{int((~real_positive).sum())} negative real slices")
+    weights = np.where(real_positive, 0.5 / real_positive.sum(), 0.5 / (~real_positive).sum())
+    draws = real[epoch_indices(len(real), epoch, rank, world, seed, weights)]
+    batches = [draws[i:i + batch_size].tolist() for i in range(0, len(draws), batch_size)]
+    pool = np.flatnonzero(synthetic)
+    if not len(pool):
+        return batches
+    if synthetic_fraction is None:
+        synthetic_fraction = len(pool) / (len(pool) + int(real_positive.sum()))
+    if not 0.0 <= synthetic_fraction < 1.0:
+        raise ValueError(f"synthetic_fraction must be in [0, 1), got {synthetic_fraction}")
+    ratio = synthetic_fraction / (1.0 - synthetic_fraction)
+    rng = np.random.default_rng([seed, epoch, rank, 1])  # a stream of its own: the real draws stay as they are
+    for batch in batches:
+        wanted = ratio * int(positive[batch].sum())
+        count = int(wanted) + int(rng.uniform() < wanted - int(wanted))
+        batch.extend(pool[rng.integers(0, len(pool), count)].tolist())
+    return batches
+
+
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1 or not values:
         return values
@@ -124,6 +169,7 @@ def train_epochs(
     validate_fn: Callable[[], dict[str, float]] | None = None,
     collate_fn: Callable | None = None,
     sample_weights: np.ndarray | None = None,
+    batch_plan: Callable[[int, int, int], list[list[int]]] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``parameters`` by ``step_fn`` over ``dataset``; checkpoint ``models``; resume if possible.
@@ -138,6 +184,8 @@ def train_epochs(
         validate_fn: called on rank 0 at every epoch end; its metrics are reported with ``val_`` keys as given.
         collate_fn: DataLoader collate function.
         sample_weights: per-sample draw weights (class balance); None for plain shuffling.
+        batch_plan: ``(epoch, rank, world) -> batches`` (lists of sample indices), instead of the
+            sampling above (e.g. :func:`paired_batches`); a resumed epoch skips the batches done.
         config: json config stored in every checkpoint.
 
     Returns:
@@ -152,7 +200,9 @@ def train_epochs(
     every = ctx.train.checkpoint_every_steps
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     stop = loop.max_steps and step >= loop.max_steps
-    total_steps = loop.epochs * math.ceil(math.ceil(len(dataset) / world) / loop.batch_size)
+    steps_per_epoch = (len(batch_plan(0, rank, world)) if batch_plan is not None
+                       else math.ceil(math.ceil(len(dataset) / world) / loop.batch_size))
+    total_steps = loop.epochs * steps_per_epoch
     if loop.max_steps:
         total_steps = min(total_steps, loop.max_steps)
 
@@ -163,10 +213,14 @@ def train_epochs(
     while epoch < loop.epochs and not stop:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        indices = epoch_indices(len(dataset), epoch, rank, world, loop.seed, sample_weights)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=loop.batch_size, sampler=indices[skip * loop.batch_size:], collate_fn=collate_fn
-        )
+        if batch_plan is not None:
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_plan(epoch, rank, world)[skip:],
+                                                 collate_fn=collate_fn)
+        else:
+            indices = epoch_indices(len(dataset), epoch, rank, world, loop.seed, sample_weights)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=loop.batch_size, sampler=indices[skip * loop.batch_size:], collate_fn=collate_fn
+            )
         for model in models.values():
             model.train()
         sums: dict[str, float] = {}

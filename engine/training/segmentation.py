@@ -58,7 +58,7 @@ def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, inpu
 
 def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: nn.Module, loss_fn: nn.Module,
                              outputs: str, input_range: str, validate: Callable[[], dict[str, float]],
-                             export_dir, export_record: dict[str, Any]) -> None:
+                             export_dir, export_record: dict[str, Any], batch_plan: Callable | None = None) -> None:
     """The worker body both segmentation stages share: prepare the model (DDP), train it on the
     ``train`` slices (class-balanced when ``loop.balanced``) with ``validate`` each epoch, and on
     rank 0 export it as ``<export_dir>/<name>.safetensors`` + ``.json``.
@@ -68,6 +68,8 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
             in every checkpoint).
         setup: :func:`engine.training.runner.worker_setup` of the stage.
         outputs: target channels, as :func:`engine.models.reward.targets_from_label`.
+        batch_plan: the batches of each epoch (see :func:`engine.training.loop.train_epochs`),
+            instead of the class-balanced draws over all training slices.
     """
     from engine.models.reward import targets_from_label
     from engine.training.checkpoint import export_model
@@ -84,7 +86,8 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
         step_fn=segmentation_step(model, loss_fn, lambda label: targets_from_label(label, outputs), input_range,
                                   setup.device),
         validate_fn=validate, collate_fn=collate,
-        sample_weights=positive_weighted_sampler_weights(train) if stage.loop.balanced else None,
+        sample_weights=positive_weighted_sampler_weights(train) if stage.loop.balanced and batch_plan is None else None,
+        batch_plan=batch_plan,
         config={"stage": config["stage"], "data": config["data"]},
     )
     if setup.rank == 0:

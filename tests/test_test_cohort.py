@@ -1,0 +1,63 @@
+"""evaluation.test_cohort: an external cohort as the test set, on phantom cohorts written to disk."""
+
+import json
+
+import pytest
+
+from engine.phantom import write_phantom_cohort
+from engine.phantom.config import PhantomConfig
+from engine.training.prepare import prepare_arrays
+from tests.synth_helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    """A training cohort of 6 patients and an external one of 4, numbered from 1001, another seed."""
+    root = tmp_path_factory.mktemp("test_cohort")
+    write_phantom_cohort(root / "cohort", 6, seed=3, cfg=PhantomConfig(image_size=128))
+    write_phantom_cohort(root / "external", 4, seed=11, cfg=PhantomConfig(image_size=128), first_case=1001)
+    return root
+
+
+def test_first_case_numbers_a_cohort_apart_and_keeps_each_patient(cohorts, tmp_path):
+    ids = sorted(e["patient_id"] for e in json.loads((cohorts / "external" / "manifest.json").read_text()))
+    assert [i[-4:] for i in ids] == ["1001", "1002", "1003", "1004"]
+    same = write_phantom_cohort(tmp_path / "plain", 4, seed=11, cfg=PhantomConfig(image_size=128))
+    assert [e["pattern"] for e in same] == [e["pattern"] for e in json.loads((cohorts / "external" / "manifest.json").read_text())]
+    with pytest.raises(ValueError, match="first_case must be an int >= 1"):
+        write_phantom_cohort(tmp_path / "bad", 1, first_case=0)
+
+
+def test_the_external_cohort_is_the_test_split_and_the_own_cohort_trains_and_validates(cohorts, tmp_path):
+    cfg = tiny_config(cohorts, tmp_path, [f"evaluation.test_cohort={cohorts / 'external'}"])
+    parts, splits = prepare_arrays(cfg)
+    external = {e["patient_id"] for e in json.loads((cohorts / "external" / "manifest.json").read_text())}
+    own = {e["patient_id"] for e in json.loads((cohorts / "cohort" / "manifest.json").read_text())}
+    assert set(splits["test"]) == external == set(parts["test"].patient_id)
+    assert set(splits["train"]) | set(splits["val"]) == own and not set(splits["train"]) & set(splits["val"])
+    assert splits["val"] and splits["train"]
+    stored = json.loads((tmp_path / "splits.json").read_text())
+    assert stored["test_cohort"] == str(cohorts / "external") and stored["splits"] == splits
+    # every later stage reads the same split back; a stage without the key is refused
+    assert prepare_arrays(cfg)[1] == splits
+    with pytest.raises(ValueError, match="external test cohort .* then, none now"):
+        prepare_arrays(tiny_config(cohorts, tmp_path))
+
+
+def test_a_bad_test_cohort_is_refused_before_anything_trains(cohorts, tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="evaluation.test_cohort .*nowhere: no such folder"):
+        prepare_arrays(tiny_config(cohorts, tmp_path / "a", [f"evaluation.test_cohort={tmp_path / 'nowhere'}"]))
+    # the training cohort itself: every id shared
+    with pytest.raises(ValueError, match=r"6 patient id\(s\) are also in the run's cohort .*--first-case 1001"):
+        prepare_arrays(tiny_config(cohorts, tmp_path / "b", [f"evaluation.test_cohort={cohorts / 'cohort'}"]))
+    broken = tmp_path / "broken"
+    shutil.copytree(cohorts / "external", broken)
+    case = sorted(p for p in broken.iterdir() if p.is_dir())[0]
+    image = next((case / "Images").iterdir())
+    image.write_bytes(image.read_bytes()[:200])  # a truncated NIfTI
+    with pytest.raises(ValueError, match=r"evaluation.test_cohort .*broken is refused: it does not validate.*\n.*"
+                                         + case.name):
+        prepare_arrays(tiny_config(cohorts, tmp_path / "c", [f"evaluation.test_cohort={broken}"]))
+    assert not (tmp_path / "c" / "splits.json").exists()
