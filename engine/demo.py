@@ -101,6 +101,10 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     from engine.training.spade import train_spade
     from engine.training.vae import train_vae
 
+    if cfg.demo.sweep:
+        from engine.evaluation.sweep import check_sweep_thresholds
+
+        check_sweep_thresholds(cfg)  # before anything trains
     cohort = Path(cfg.cohort.root)
     steps: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "cohort": str(cohort), "steps": steps, "metrics": {}}

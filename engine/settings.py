@@ -86,8 +86,4 @@ class EngineConfig:
                              "synthesis.store and <stage>.ray.storage_path")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        below = [t for t in self.sweep.thresholds if t < self.synthesis.threshold]
-        if below and not self.synthesis.keep_rejected:
-            raise ValueError(f"sweep.thresholds {below} lie below synthesis.threshold {self.synthesis.threshold}: the "
-                             "stores keep no image of a candidate that failed the filter, so the sweep could not draw "
-                             "them; set synthesis.keep_rejected: true, or drop those thresholds")
+

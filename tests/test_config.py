@@ -237,15 +237,19 @@ def test_every_shipped_config_is_accepted(name):
     from engine.config import load_config
     from engine.settings import EngineConfig
 
-    cfg = load_config(EngineConfig, Path(__file__).parents[1] / "configs" / name)
-    assert all(t >= cfg.synthesis.threshold for t in cfg.sweep.thresholds) or cfg.synthesis.keep_rejected
+    from engine.evaluation.sweep import check_sweep_thresholds
+
+    check_sweep_thresholds(load_config(EngineConfig, Path(__file__).parents[1] / "configs" / name))
 
 
 def test_a_sweep_threshold_below_the_filter_needs_the_rejected_candidates_kept():
     from engine.config import apply_overrides, from_dict
+    from engine.evaluation.sweep import check_sweep_thresholds
     from engine.settings import EngineConfig
 
     base = ["cohort.root=c", "run_dir=r"]
+    cfg = from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5,0.7]", "synthesis.threshold=0.6"]))
     with pytest.raises(ValueError, match=r"sweep.thresholds \[0.5\] lie below synthesis.threshold 0.6.*keep_rejected"):
-        from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5,0.7]", "synthesis.threshold=0.6"]))
-    from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5]", "synthesis.keep_rejected=true"]))
+        check_sweep_thresholds(cfg)
+    check_sweep_thresholds(from_dict(EngineConfig, apply_overrides({}, [*base, "sweep.thresholds=[0.5]",
+                                                                           "synthesis.keep_rejected=true"])))

@@ -343,3 +343,28 @@ def test_validation_reads_read_only_arrays_without_warnings():
                              pixel_area_mm2=np.ones(4, np.float32))
         areas = patient_scores(predict_masks(downstream, arrays, "cpu", batch_size=2), arrays)
     assert metrics["val_slices"] == 4 and sorted(areas) == ["a", "b"]
+
+
+def test_best_so_far_keeps_the_best_epoch_and_survives_a_checkpoint(tmp_path):
+    """Scores 0.2, 0.5, 0.4, 0.5, NaN: the weights of epoch 4 (a tie goes to the later epoch) are
+    kept; the kept weights and score come back from a saved checkpoint."""
+    import torch
+
+    from engine.training.checkpoint import load_checkpoint, save_checkpoint
+    from engine.training.segmentation import BestSoFar
+
+    model = torch.nn.Linear(2, 1)
+    best = BestSoFar(model)
+    kept = {}
+    for epoch, score in enumerate([0.2, 0.5, 0.4, 0.5, float("nan")], 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        if best.offer(model, score):
+            kept[epoch] = score
+    assert list(kept) == [1, 2, 4] and int(best.epoch) == 4 and float(best.score) == 0.5
+    assert torch.equal(best.model.weight, torch.full((1, 2), 4.0)) and not best.model.weight.requires_grad
+    save_checkpoint(tmp_path / "c", models={"best": best}, state={"step": 1})
+    again = BestSoFar(torch.nn.Linear(2, 1))
+    load_checkpoint(tmp_path / "c", models={"best": again})
+    assert int(again.epoch) == 4 and int(again.validations) == 5 and float(again.score) == 0.5
+    assert torch.equal(again.model.weight, best.model.weight)

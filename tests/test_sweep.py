@@ -188,7 +188,21 @@ def test_the_sweep_refuses_a_threshold_its_store_cannot_serve_before_any_trial(t
 def _trial(method, threshold, n, seed, bacc, n_used=None, collapsed=False):
     n_used = n if n_used is None else n_used
     return {"method": method, "threshold": threshold, "n": n, "seed": seed, "balanced_accuracy": bacc, "dice": 0.5 + seed / 10,
-            "dice_tp": 0.4, "accuracy": bacc, "collapsed": collapsed, "n_used": n_used, "short": n_used < n}
+            "dice_tp": 0.4, "accuracy": bacc, "auroc": bacc, "myocardium_dice": 0.8, "collapsed": collapsed,
+            "n_used": n_used, "short": n_used < n, "run": f"downstream-{method}-t{threshold}-n{n}-s{seed}"}
+
+
+def _patients_files(run_dir: Path, trials) -> None:
+    """Per-patient validation records of each trial's run (8 patients, 4 positive), as trials write them."""
+    from engine.evaluation.sweep import PATIENTS_FILE
+
+    for t in trials:
+        rng = np.random.default_rng(t["seed"] + len(t["run"]))
+        records = {f"p{i}": {"positive": i < 4, "score": float(rng.uniform() + (i < 4)), "called": bool(rng.uniform() < 0.7) == (i < 4),
+                             "scar_dice_sum": 0.5 * (i < 4), "scar_slices": int(i < 4), "scar_tp_dice_sum": 0.5 * (i < 4),
+                             "scar_tp_slices": int(i < 4), "myocardium_dice_sum": 0.8, "myocardium_slices": 1} for i in range(8)}
+        (run_dir / t["run"]).mkdir(parents=True, exist_ok=True)
+        (run_dir / t["run"] / PATIENTS_FILE.format(split="val")).write_text(json.dumps(records))
 
 
 GRID = sweep_grid(SweepConfig(methods=["paste"], n_synthetic=[0, 30, 60], thresholds=[0.6, 0.7], seeds=[0, 1]))
@@ -220,7 +234,14 @@ def test_results_are_aggregated_over_seeds_and_the_best_setting_prefers_fewer_sa
 
 
 def test_outputs_table_csv_json_and_roi_figure(tmp_path):
+    from engine.evaluation.sweep import add_intervals
+
     rows = summarize(TRIALS, GRID)
+    _patients_files(tmp_path, TRIALS)
+    add_intervals(rows, TRIALS, tmp_path, "val", resamples=1000)
+    for row in rows:
+        lo, hi = row["balanced_accuracy"]["ci95"]
+        assert 0 <= lo <= hi <= 1
     result = {"sweep": {"name": "t", "seeds": [0, 1]}, "rows": rows, "best": best_setting(rows), "trials": TRIALS,
               "errors": [{"method": "paste", "threshold": 0.7, "n": 60, "seed": 1, "error": "RuntimeError: boom", "path": "x"}],
               "experiment": str(tmp_path)}
@@ -230,9 +251,11 @@ def test_outputs_table_csv_json_and_roi_figure(tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 5 and table[0]["method"] == REAL and table[0]["threshold"] == ""
     assert float(table[1]["balanced_accuracy_mean"]) == pytest.approx(0.85) and table[4]["n_used"] == "41"
+    assert float(table[1]["balanced_accuracy_ci95_lo"]) == pytest.approx(rows[1]["balanced_accuracy"]["ci95"][0])
     text = Path(outputs["markdown"]).read_text()
-    assert "| real only |  | 0 |" in text and "41 (short in 1)" in text and "0.850 ± 0.071" in text
-    assert "Best setting: paste, Dice > 0.7, n = 60" in text and "paste-t0.7-n60 seed 1: RuntimeError: boom" in text
+    assert "| real only |  | 0 |" in text and "41 (short in 1)" in text and "0.850 ± 0.071 [" in text
+    assert "Best setting: paste, Dice > 0.7, n = 60: validation balanced accuracy 0.950 ± 0.000, 95% interval [" in text
+    assert "paste-t0.7-n60 seed 1: RuntimeError: boom" in text
     saved = json.loads(Path(outputs["json"]).read_text())
     assert saved["best"]["n_synthetic"] == 60 and len(saved["rows"]) == 5
     assert math.isnan(summarize([], GRID)[0]["dice"]["mean"])

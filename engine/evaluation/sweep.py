@@ -732,6 +732,21 @@ def expand_trials(trials: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[st
     return out
 
 
+def check_sweep_thresholds(cfg) -> None:
+    """Refuse, before anything is made, sweep thresholds the run's stores could not serve: below
+    ``synthesis.threshold`` a store holds the images of rejected candidates only with
+    ``synthesis.keep_rejected``.
+
+    Raises:
+        ValueError: naming the thresholds and the two ways out.
+    """
+    below = [t for t in cfg.sweep.thresholds if t < cfg.synthesis.threshold]
+    if below and not cfg.synthesis.keep_rejected:
+        raise ValueError(f"sweep.thresholds {below} lie below synthesis.threshold {cfg.synthesis.threshold}: the "
+                         "stores keep no image of a candidate that failed the filter, so the sweep could not draw "
+                         "them; set synthesis.keep_rejected: true, or drop those thresholds")
+
+
 def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep of ``cfg.sweep`` on Ray Tune; the result dict, also written as
     ``<run_dir>/sweeps/<name>/`` (see the module docstring).
@@ -746,6 +761,7 @@ def sweep(cfg, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     if "://" in str(cfg.run_dir):
         raise ValueError(f"run_dir {cfg.run_dir}: the sweep needs a local run folder (its downstream models and report go there)")
+    check_sweep_thresholds(cfg)
     cfg = absolute_paths(cfg)
     sw: SweepConfig = cfg.sweep
     callbacks = _mlflow_callbacks(sw)

@@ -28,7 +28,8 @@ SPLITS = ("train", "val", "test")
 def _check_fractions(fractions: Sequence[float], names: Sequence[str] = SPLITS) -> tuple[float, ...]:
     values = tuple(fractions)
     if len(values) != len(names):
-        raise ValueError(f"split fractions must be {len(names)} numbers {tuple(names)}, got {fractions!r}")
+        count = {2: "two", 3: "three"}.get(len(names), str(len(names)))
+        raise ValueError(f"split fractions must be {count} numbers {tuple(names)}, got {fractions!r}")
     if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0 for f in values):
         raise ValueError(f"split fractions must all be > 0, got {fractions!r}")
     if not math.isclose(sum(values), 1.0, abs_tol=1e-6):

@@ -49,6 +49,12 @@ class DownstreamStageConfig:
         synthetic_fraction: the synthetic samples' share among the positive draws, added to the
             batches of real draws (which every arm shares: :func:`engine.training.loop.paired_batches`);
             None (default): their share of all positive samples, real and synthetic.
+        select_by: the validation metric whose best epoch is exported (the model is validated on
+            the validation patients every epoch): ``val_scar_dice`` (default: scar Dice over the
+            positive slices, the model's own target and a continuous score, where the patient-level
+            AUROC over a dozen validation patients moves in steps), any other metric the stage
+            validates (``val_patient_auroc``, ``val_patient_myocardium_dice``, ...), or "" for the
+            last epoch.
         name: the run name (``<run_dir>/<name>/``), so real-only and mixed models can live side by side.
         augment: augment the training slices as the ``data`` section says (false: never; random
             affine resampling costs about as much CPU as the model's own step at 64 px, so short CPU
@@ -63,6 +69,7 @@ class DownstreamStageConfig:
     synthetic_min_dice: float | None = None
     detection_min_mm2: float = 10.0
     synthetic_fraction: float | None = None
+    select_by: str = "val_scar_dice"
     name: str = STAGE
     augment: bool = True
 
@@ -189,7 +196,7 @@ def downstream_worker(config: dict[str, Any]) -> None:
 
     train_segmentation_model(
         config, setup, name=STAGE, net=net, loss_fn=downstream_loss_fn(stage.model), outputs="scar+myocardium",
-        batch_plan=batches,
+        batch_plan=batches, select=stage.select_by,
         input_range=INPUT_RANGE, validate=validate, export_dir=Path(setup.ctx.run_dir) / stage.name,
         export_record={"n_synthetic": stage.n_synthetic, "synthetic": config["synthetic"],
                        "synthetic_min_dice": stage.synthetic_min_dice,

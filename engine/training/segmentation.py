@@ -56,9 +56,35 @@ def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, inpu
     return out
 
 
+class BestSoFar(nn.Module):
+    """A copy of a model's weights at its best validation score so far, checkpointed with the run
+    (the score and epoch are buffers, so a resumed run keeps comparing against them)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        import copy
+
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.register_buffer("score", torch.tensor(float("-inf"), dtype=torch.float64))
+        self.register_buffer("epoch", torch.tensor(0, dtype=torch.int64))  # 1-based; 0: none yet
+        self.register_buffer("validations", torch.tensor(0, dtype=torch.int64))
+
+    def offer(self, model: nn.Module, score: float) -> bool:
+        """One epoch's validation: keep ``model``'s weights when ``score`` is at least the best so far
+        (a tie: the later epoch)."""
+        self.validations += 1
+        if not np.isfinite(score) or score < float(self.score):
+            return False
+        self.model.load_state_dict(model.state_dict())
+        self.score.fill_(score)
+        self.epoch.copy_(self.validations)
+        return True
+
+
 def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: nn.Module, loss_fn: nn.Module,
                              outputs: str, input_range: str, validate: Callable[[], dict[str, float]],
-                             export_dir, export_record: dict[str, Any], batch_plan: Callable | None = None) -> None:
+                             export_dir, export_record: dict[str, Any], batch_plan: Callable | None = None,
+                             select: str = "") -> None:
     """The worker body both segmentation stages share: prepare the model (DDP), train it on the
     ``train`` slices (class-balanced when ``loop.balanced``) with ``validate`` each epoch, and on
     rank 0 export it as ``<export_dir>/<name>.safetensors`` + ``.json``.
@@ -70,6 +96,9 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
         outputs: target channels, as :func:`engine.models.reward.targets_from_label`.
         batch_plan: the batches of each epoch (see :func:`engine.training.loop.train_epochs`),
             instead of the class-balanced draws over all training slices.
+        select: a validation metric (a key ``validate`` returns, higher is better): the model
+            exported is the one of the epoch that scored best on it (:class:`BestSoFar`), not the
+            last; its export record names the metric, value and epoch. Empty: the last.
     """
     from engine.models.reward import targets_from_label
     from engine.training.checkpoint import export_model
@@ -80,8 +109,22 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
 
     stage, train = setup.stage, setup.arrays["train"]
     model = prepare(net)
+    models = {name: model}
+    best = None
+    if select:
+        best = models["best"] = BestSoFar(net)
+        plain_validate = validate
+
+        def validate() -> dict[str, float]:  # on rank 0, once an epoch
+            metrics = plain_validate()
+            if select not in metrics:
+                raise KeyError(f"{name}: the selection metric {select!r} is not among the validation metrics "
+                               f"{sorted(metrics)}")
+            best.offer(net, float(metrics[select]))
+            return {**metrics, f"best_{select}": float(best.score), "best_epoch": int(best.epoch)}
+
     train_epochs(
-        ctx=setup.ctx, loop=stage.loop, models={name: model}, parameters=list(model.parameters()),
+        ctx=setup.ctx, loop=stage.loop, models=models, parameters=list(model.parameters()),
         dataset=SegmentationDataset(train, setup.data, train=True, seed=stage.loop.seed),
         step_fn=segmentation_step(model, loss_fn, lambda label: targets_from_label(label, outputs), input_range,
                                   setup.device),
@@ -91,5 +134,9 @@ def train_segmentation_model(config: dict[str, Any], setup, *, name: str, net: n
         config={"stage": config["stage"], "data": config["data"]},
     )
     if setup.rank == 0:
-        export_model(export_dir, name, net, {**export_record, "model": stage.model.to_dict(), "input_range": input_range,
-                                             "crop_size": setup.data.crop_size})
+        record = {**export_record, "model": stage.model.to_dict(), "input_range": input_range,
+                  "crop_size": setup.data.crop_size}
+        if best is not None and np.isfinite(float(best.score)):
+            net.load_state_dict(best.model.state_dict())
+            record["selected"] = {"metric": select, "value": float(best.score), "epoch": int(best.epoch)}
+        export_model(export_dir, name, net, record)
