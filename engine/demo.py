@@ -28,17 +28,36 @@ class DemoConfig:
         patients: phantom patients written when the cohort folder does not exist yet.
         phantom_seed: the phantom cohort's seed.
         sweep: end with the ``sweep`` section's Ray Tune sweep.
+        test_patients: > 0: the demo also writes an external test phantom of this many patients,
+            ``<run_dir>/test_cohort`` (another seed, cases numbered from ``test_first_case``), and
+            makes it ``evaluation.test_cohort`` (the run's cohort then trains and validates only);
+            0: the test patients are the run cohort's test split.
+        test_phantom_seed: the test phantom's seed (another draw than the training cohort's).
+        test_first_case: the test phantom's first case number (ids apart from the training cohort's).
+        test_negative_fraction: the test phantom's share of patients without scar (the training
+            cohort's is ``phantom.negative_fraction``; a balanced test set measures balanced
+            accuracy with the narrowest interval).
     """
 
     patients: int = 100
     phantom_seed: int = 0
     sweep: bool = True
+    test_patients: int = 0
+    test_phantom_seed: int = 1
+    test_first_case: int = 1001
+    test_negative_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.patients < 4:
             raise ValueError(f"patients must be >= 4 (train, val and test need patients), got {self.patients}")
-        if self.phantom_seed < 0:
-            raise ValueError(f"phantom_seed must be >= 0, got {self.phantom_seed}")
+        for name in ("phantom_seed", "test_patients", "test_phantom_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.test_first_case <= self.patients:
+            raise ValueError(f"test_first_case {self.test_first_case} must be above patients ({self.patients}): the test "
+                             "phantom's case numbers must not collide with the training cohort's")
+        if not 0.0 < self.test_negative_fraction < 1.0:
+            raise ValueError(f"test_negative_fraction must be in (0, 1), got {self.test_negative_fraction}")
 
 
 class PeakMemory:
@@ -77,11 +96,18 @@ class PeakMemory:
 
 
 def demo_config(cfg, out: str | Path | None):
-    """``cfg`` with run_dir ``out`` and the cohort in ``out/cohort`` (unchanged without ``out``)."""
-    if out is None:
-        return cfg
-    cohort = dataclasses.replace(cfg.cohort, root=str(Path(out) / "cohort"))
-    return dataclasses.replace(cfg, run_dir=str(out), cohort=cohort)
+    """``cfg`` with run_dir ``out`` and the cohort in ``out/cohort`` (unchanged without ``out``), and
+    with ``demo.test_patients``, ``evaluation.test_cohort`` in ``<run_dir>/test_cohort``."""
+    if out is not None:
+        cohort = dataclasses.replace(cfg.cohort, root=str(Path(out) / "cohort"))
+        cfg = dataclasses.replace(cfg, run_dir=str(out), cohort=cohort)
+    if cfg.demo.test_patients:
+        made = str(Path(cfg.run_dir) / "test_cohort")
+        if cfg.evaluation.test_cohort and cfg.evaluation.test_cohort != made:
+            raise ValueError(f"demo.test_patients {cfg.demo.test_patients} makes the test phantom {made}, but "
+                             f"evaluation.test_cohort is {cfg.evaluation.test_cohort}: set one of the two")
+        cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, test_cohort=made))
+    return cfg
 
 
 def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -93,8 +119,6 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     from engine.evaluation.run import evaluate
     from engine.evaluation.sweep import sweep, best_text
     from engine.models.spade import CONTEXTS
-    from engine.io.validation import validate_cohort
-    from engine.phantom import write_phantom_cohort
     from engine.synthesis.pipeline import synthesize
     from engine.training.generator import train_generator
     from engine.training.reward import train_reward
@@ -105,21 +129,16 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
         from engine.evaluation.sweep import check_sweep_thresholds
 
         check_sweep_thresholds(cfg)  # before anything trains
+    cfg = demo_config(cfg, None)
     cohort = Path(cfg.cohort.root)
     steps: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "cohort": str(cohort), "steps": steps, "metrics": {}}
 
     def phantom() -> str:
-        if (cohort / "manifest.json").is_file():
-            return f"{cohort}: exists, reused"
-        manifest = write_phantom_cohort(cohort, cfg.demo.patients, seed=cfg.demo.phantom_seed, cfg=cfg.phantom)
-        return f"{len(manifest)} patients, {sum(bool(m['positive']) for m in manifest)} positive"
+        return make_phantoms(cfg)
 
     def validate() -> str:
-        report = validate_cohort(cohort)
-        if not report.ok:
-            raise ValueError(f"{cohort}: {len(report.problems)} problem(s): " + "; ".join(report.lines()[:3]))
-        return f"{report.checked} cases, clean"
+        return validate_phantoms(cfg)
 
     def metrics(values: dict[str, Any], keys: tuple[str, ...]) -> str:
         return ", ".join(f"{k} {values[k]:.3f}" for k in keys if isinstance(values.get(k), (int, float)))
@@ -169,6 +188,59 @@ def run_demo(cfg, *, sequential: bool = False, log: Callable[[str], None] = prin
     return result
 
 
+def _cohorts(cfg) -> list[tuple[Path, int, int, int, Any]]:
+    """(root, patients, seed, first case, phantom config) of the demo's cohorts: the run's, and the
+    external test phantom with ``demo.test_patients``."""
+    demo = cfg.demo
+    out = [(Path(cfg.cohort.root), demo.patients, demo.phantom_seed, 1, cfg.phantom)]
+    if demo.test_patients:
+        out.append((Path(cfg.evaluation.test_cohort), demo.test_patients, demo.test_phantom_seed, demo.test_first_case,
+                    dataclasses.replace(cfg.phantom, negative_fraction=demo.test_negative_fraction)))
+    return out
+
+
+def make_phantoms(cfg) -> str:
+    """Write the demo's phantom cohorts that do not exist yet (:func:`demo_config` first); what was done."""
+    from engine.phantom import write_phantom_cohort
+
+    made = []
+    for root, n, seed, first, phantom_cfg in _cohorts(cfg):
+        if (root / "manifest.json").is_file():
+            made.append(f"{root}: exists, reused")
+            continue
+        manifest = write_phantom_cohort(root, n, seed=seed, cfg=phantom_cfg, first_case=first)
+        made.append(f"{root.name}: {len(manifest)} patients, {sum(bool(m['positive']) for m in manifest)} positive")
+    return "; ".join(made)
+
+
+def validate_phantoms(cfg) -> str:
+    """Validate the demo's cohorts (:func:`engine.io.validation.validate_cohort`); any problem stops the demo."""
+    from engine.io.validation import validate_cohort
+
+    checked = 0
+    for root, *_ in _cohorts(cfg):
+        report = validate_cohort(root)
+        if not report.ok:
+            raise ValueError(f"{root}: {len(report.problems)} problem(s): " + "; ".join(report.lines()[:3]))
+        checked += report.checked
+    return f"{checked} cases, clean"
+
+
+def budget_text(evaluation: dict[str, Any] | None) -> str:
+    """What a run of this size can show, from its own real-only interval."""
+    text = ("Every model here trained for minutes on a few dozen phantom patients: the figures show that each "
+            "part of the engine runs and what it reports, not what the method is worth.")
+    util = ((evaluation or {}).get("real_only") or {}).get("utility") or {}
+    lo, hi = (util.get("balanced_accuracy") or {}).get("ci95") or (None, None)
+    if lo is None:
+        return text
+    return (f"{text} With {util.get('patients', '?')} test patients the real-only balanced accuracy's 95% interval "
+            f"is [{lo:.3f}, {hi:.3f}], {hi - lo:.2f} wide: a method would have to move it by about that much to show "
+            "anything here, so expect every verdict to read \"not shown\". `lgesynth demo --config configs/study.yaml` "
+            "is the study with the power to tell (an external test phantom of 300 patients); benchmarks/RESULTS.md "
+            "holds its figures.")
+
+
 def write_demo_report(result: dict[str, Any], out_dir: Path) -> str:
     """``demo.md`` (steps, times, peak memory, then the evaluation report) and ``demo.json``."""
     from engine.evaluation.run import json_ready
@@ -178,11 +250,8 @@ def write_demo_report(result: dict[str, Any], out_dir: Path) -> str:
              f"{result['seconds']:.0f} s; peak memory (driver and every process it started) {result['peak_rss_mib']:.0f} MiB.",
              "", "| step | seconds | outcome |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['seconds']:.0f} | {s['outcome']} |" for s in result["steps"]]
-    lines += ["", "Every model here trained for a minute or two on a few dozen phantom patients: the figures show "
-              "that each part of the engine runs and what it reports, not what the method is worth (a dozen "
-              "test patients, undertrained downstream models: expect collapsed runs and SDs as large as the "
-              "differences). configs/phantom.yaml is the larger study; its figures are in benchmarks/RESULTS.md.", ""]
     evaluation = result.get("evaluation")
+    lines += ["", budget_text(evaluation), ""]
     if evaluation:
         lines += [Path(evaluation["report"]["markdown"]).read_text(), ""]
     swept = result.get("sweep")

@@ -230,7 +230,7 @@ def test_config_error_is_a_value_error():
         from_dict(dict, {})
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "phantom.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "phantom.yaml", "paper.yaml", "study.yaml"])
 def test_every_shipped_config_is_accepted(name):
     from pathlib import Path
 

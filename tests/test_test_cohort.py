@@ -61,3 +61,24 @@ def test_a_bad_test_cohort_is_refused_before_anything_trains(cohorts, tmp_path):
                                          + case.name):
         prepare_arrays(tiny_config(cohorts, tmp_path / "c", [f"evaluation.test_cohort={broken}"]))
     assert not (tmp_path / "c" / "splits.json").exists()
+
+
+def test_the_demo_makes_its_own_test_phantom_and_points_the_evaluation_at_it(tmp_path):
+    from engine.config import apply_overrides, from_dict
+    from engine.demo import demo_config, make_phantoms, validate_phantoms
+    from engine.settings import EngineConfig
+
+    overrides = ["cohort.root=x", "run_dir=r", "phantom.image_size=128", "demo.patients=4", "demo.test_patients=4",
+                 "demo.test_first_case=101", "demo.test_negative_fraction=0.5"]
+    cfg = demo_config(from_dict(EngineConfig, apply_overrides({}, overrides)), tmp_path / "run")
+    assert cfg.evaluation.test_cohort == str(tmp_path / "run" / "test_cohort")
+    assert demo_config(cfg, None) == cfg  # applied twice: the same
+    said = make_phantoms(cfg)
+    assert "cohort: 4 patients" in said and "test_cohort: 4 patients" in said
+    tests = json.loads((tmp_path / "run" / "test_cohort" / "manifest.json").read_text())
+    assert sorted(int(e["patient_id"][-3:]) for e in tests) == [101, 102, 103, 104]
+    assert validate_phantoms(cfg) == "8 cases, clean" and "exists, reused" in make_phantoms(cfg)
+    with pytest.raises(ValueError, match="demo.test_patients 4 makes the test phantom .* set one of the two"):
+        demo_config(from_dict(EngineConfig, apply_overrides({}, [*overrides, "evaluation.test_cohort=elsewhere"])), None)
+    with pytest.raises(ValueError, match="test_first_case 3 must be above patients"):
+        from_dict(EngineConfig, apply_overrides({}, [*overrides, "demo.test_first_case=3"]))
