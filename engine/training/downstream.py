@@ -3,10 +3,11 @@
 Real train patients alone, or with ``n_synthetic`` filtered samples from a synthetic store;
 class-balanced draws of the real slices (positive and negative equally often) guard against the
 collapse to "no scar" seen with small real-only sets, and every arm shares them: synthetic samples
-are added to the batches (``synthetic_fraction``), so arms differ only in their synthetic data. Validated on the val patients: scar Dice on positive
-slices, myocardium Dice and patient-level detection (a patient is positive when its largest
-component of predicted scar inside the predicted myocardium exceeds ``detection_min_mm2``; AUROC
-of that score). Exported to ``<run_dir>/<name>/``.
+are added to the batches (``synthetic_fraction``), so arms differ only in their synthetic data.
+Validated on the val patients every epoch: scar Dice on positive slices, myocardium Dice and
+patient-level detection (a patient is positive when its largest component of predicted scar inside
+the predicted myocardium exceeds ``detection_min_mm2``; AUROC of that score). The best epoch by
+``select_by`` is exported to ``<run_dir>/<name>/``.
 """
 
 from __future__ import annotations
