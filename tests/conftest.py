@@ -162,11 +162,14 @@ def ray_cluster():
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
         def start_worker() -> None:
-            """Start the worker node (again, after kill_worker) and wait until it is alive."""
-            alive_before = sum(n["Alive"] for n in ray.nodes())
+            """Start the worker node (again, after kill_worker) and wait until it is alive: a node of
+            the worker's address that Ray did not know before (a count of live nodes would be fooled
+            by the killed node, still counted alive until the GCS declares it dead)."""
+            known = {n["NodeID"] for n in ray.nodes()}
             nodes.append(_start_node([f"--address={address}", f"--node-ip-address={WORKER_IP}"], worker_log))
             deadline = time.monotonic() + START_TIMEOUT_S
-            while sum(n["Alive"] for n in ray.nodes()) <= alive_before:
+            while not any(n["Alive"] and n["NodeID"] not in known and n["NodeManagerAddress"] == WORKER_IP
+                          for n in ray.nodes()):
                 if nodes[-1].poll() is not None:
                     raise RuntimeError(f"worker node exited with {nodes[-1].returncode}; log:\n{worker_log.read_text()[-4000:]}")
                 if time.monotonic() > deadline:
@@ -187,6 +190,31 @@ def ray_cluster():
         _stop_nodes(nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+
+# A non-interactive shell starts a background command with SIGINT ignored, and an ignored signal
+# stays ignored across exec: a suite started that way (as a CI runner may start it) hands every child
+# a Ctrl-C it never sees, and a test's SIGINT changes nothing (the run goes on to its end). Children a
+# test interrupts are started through this, which takes Ctrl-C back as a foreground process does.
+_INTERRUPTIBLE = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "sys.argv = [sys.argv[1], *sys.argv[2:]]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def interruptible_module(module: str, *args: str) -> list[str]:
+    """The command line of ``python -m module args...`` whose process takes Ctrl-C (SIGINT) whatever
+    this process ignores (see above)."""
+    return [sys.executable, "-c", _INTERRUPTIBLE, module, *args]
+
+
+INTERRUPTIBLE_PREAMBLE = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
+def sigint_ignored(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT (its /proc status' ignored-signal mask)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+        return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
 
 
 class FailPoints:

@@ -250,7 +250,9 @@ def _driver_held_at_checkpoint(ray_cluster, run_dir: str, failpoints) -> tuple[s
     """A driver process running the toy fit, held (a fail point) at its first checkpoint: the driver
     and that checkpoint's step."""
     failpoints.arm("train.checkpoint")
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster["address"], repr(TOY), run_dir],
+    from tests.conftest import INTERRUPTIBLE_PREAMBLE
+
+    driver = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE_PREAMBLE + _DRIVER, ray_cluster["address"], repr(TOY), run_dir],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     held = failpoints.wait("train.checkpoint", 150, alive=lambda: driver.poll() is None)
     assert held["run"] == "toy-driver"

@@ -378,7 +378,7 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     from engine.evaluation.sweep import sweep
     from tests.synth_helpers import tiny_config
 
-    from tests.conftest import cluster_holders, cpu_held, cpu_released
+    from tests.conftest import cluster_holders, cpu_held, cpu_released, interruptible_module, sigint_ignored
 
     held_before = cpu_held()
     base, run_dir, store_args = _tiny_paste_run(tmp_path_factory)
@@ -389,11 +389,12 @@ def test_ctrl_c_stops_the_sweep_without_results_and_the_same_command_resumes_it(
     out = run_dir / "sweeps" / "interrupted"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(Path(__file__).parents[1])}
     failpoints.arm("train.checkpoint")
-    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", "--config", str(run_dir / "sweep.yaml")],
+    driver = subprocess.Popen(interruptible_module("engine.cli", "sweep", "--config", str(run_dir / "sweep.yaml")),
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         held = failpoints.wait("train.checkpoint", 180, alive=lambda: driver.poll() is None)
         assert list(out.glob("*/params.json")) and held["pid"] != driver.pid  # a trial's Train worker
+        assert not sigint_ignored(driver.pid)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:

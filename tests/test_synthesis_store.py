@@ -837,12 +837,15 @@ def test_ctrl_c_during_synthesize_says_what_stays_and_the_same_command_finishes(
     cfg = tiny_config(base, tmp_path, ["synthesis.num_inference_steps=2"])
     dump_config(cfg, tmp_path / "c.yaml")
     url = cfg.synthesis.store_url(cfg.run_dir)
-    command = [sys.executable, "-m", "engine.cli", "synthesize", "--config", str(tmp_path / "c.yaml"), "--sequential"]
+    from tests.conftest import interruptible_module, sigint_ignored
+
+    command = interruptible_module("engine.cli", "synthesize", "--config", str(tmp_path / "c.yaml"), "--sequential")
     failpoints.arm("store.shard_complete", at=2)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         held = failpoints.wait("store.shard_complete", 120, alive=lambda: proc.poll() is None)
         assert held["pid"] == proc.pid and held["shard"] == 1
+        assert not sigint_ignored(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
