@@ -21,7 +21,7 @@ The points:
 |---|---|---|
 | ``store.shard_complete`` | by a shard's writer, its objects stored, just before its completion flag | ``shard`` |
 | ``synthesis.generate`` | by a diffusion (or paste, SPADE, ControlNet) actor, as it starts a shard | ``shard`` |
-| ``train.checkpoint`` | by each Ray Train worker (or the in-process run), once a checkpoint it reported is committed | ``run``, ``step``, ``rank`` |
+| ``train.checkpoint`` | by rank 0 of a Ray Train run (or the in-process run), once a checkpoint it reported is committed | ``run``, ``step`` |
 
 :func:`arm`, :func:`wait_paused`, :func:`release` and :func:`disarm` are the test side.
 """
