@@ -33,7 +33,9 @@ class _RewardAsDownstream:
         self.model = model
 
     def __call__(self, x):
-        return self.model(x * 2.0 - 1.0)
+        from engine.training.segmentation import to_model_range
+
+        return self.model(to_model_range(x, "-1,1"))
 
 
 def _lgesynth(*args: str) -> float:

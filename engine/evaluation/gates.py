@@ -227,7 +227,7 @@ def score_downstream(folder: str | Path, arrays, val_arrays=None, collapse_min_p
     """
     import torch
 
-    from engine.evaluation.stats import PatientScores, metric_values
+    from engine.evaluation.stats import PatientScores, confusion, metric_values
     from engine.training.data import patients_in
     from engine.training.downstream import load_downstream, patient_records, patient_scores, predict_masks
 
@@ -242,9 +242,7 @@ def score_downstream(folder: str | Path, arrays, val_arrays=None, collapse_min_p
     scores = PatientScores.from_runs([{"seed": 0, "patients": records}])
     metrics = {m: float(metric_values(scores, m)[0, 0])
                for m in ("dice", "dice_tp", "myocardium_dice", "auroc", "accuracy", "balanced_accuracy")}
-    positive, called = scores.positive, scores.called[0]
-    tn, fp = int((~positive & ~called).sum()), int((~positive & called).sum())
-    fn, tp = int((positive & ~called).sum()), int((positive & called).sum())
+    tn, fp, fn, tp = confusion(scores)
     return {**metrics, "confusion": [tn, fp, fn, tp], "patients": len(records), "detection_min_mm2": threshold,
             "detection_calibrated_on_val": bool(calibrated),
             "collapsed": bool(fp + tp < collapse_min_positive or fp + tp == len(records)),

@@ -170,6 +170,13 @@ _METRIC_FNS: dict[str, Callable[[PatientScores, np.ndarray], np.ndarray]] = {
 }
 
 
+def confusion(scores: PatientScores, seed_index: int = 0) -> tuple[int, int, int, int]:
+    """``(TN, FP, FN, TP)`` of one seed's calls on the whole cohort."""
+    positive, called = scores.positive, scores.called[seed_index]
+    return (int((~positive & ~called).sum()), int((~positive & called).sum()),
+            int((positive & ~called).sum()), int((positive & called).sum()))
+
+
 def metric_values(scores: PatientScores, metric: str, weights: np.ndarray | None = None) -> np.ndarray:
     """``metric`` ``[B, S]`` for patient weights ``[B, P]`` (default: the cohort once, ``[1, S]``)."""
     if metric not in _METRIC_FNS:
@@ -259,5 +266,5 @@ def excludes_zero(entry: Mapping[str, Any] | None) -> int:
     return 1 if lo > 0 else -1 if hi < 0 else 0
 
 
-__all__ = ["METRICS", "N_RESAMPLES", "PatientScores", "excludes_zero", "metric_values", "paired_difference",
+__all__ = ["METRICS", "N_RESAMPLES", "PatientScores", "confusion", "excludes_zero", "metric_values", "paired_difference",
            "resample_weights", "summary"]

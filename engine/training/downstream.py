@@ -142,9 +142,10 @@ def patient_records(masks: dict[str, np.ndarray], arrays, threshold_mm2: float) 
     has_scar = truth_scar.reshape(len(arrays), -1).any(1)
     found = masks["scar"].reshape(len(arrays), -1).any(1) & has_scar
     has_myo = truth_myo.reshape(len(arrays), -1).any(1)
+    ids = np.asarray(arrays.patient_id)
     records: dict[str, dict[str, Any]] = {}
     for pid, score in scores.items():
-        mine = np.asarray([p == pid for p in arrays.patient_id])
+        mine = ids == pid
         records[pid] = {
             "positive": bool(has_scar[mine].any()), "score": score, "called": bool(score > threshold_mm2),
             "scar_dice_sum": float(scar_dice[mine & has_scar].sum()), "scar_slices": int((mine & has_scar).sum()),
@@ -157,15 +158,13 @@ def patient_records(masks: dict[str, np.ndarray], arrays, threshold_mm2: float) 
 def patient_detection_metrics(model, arrays, device, min_mm2: float, batch_size: int = 32) -> dict[str, float]:
     """Patient-level detection on real slices (the largest scar component inside the myocardium >
     ``min_mm2``), the patients' AUROC of that score, and myocardium Dice."""
-    from engine.evaluation.stats import PatientScores, metric_values
+    from engine.evaluation.stats import PatientScores, confusion, metric_values
 
     records = patient_records(predict_masks(model, arrays, device, batch_size), arrays, min_mm2)
     scores = PatientScores.from_runs([{"seed": 0, "patients": records}])
     out = {f"val_patient_{m}": float(metric_values(scores, m)[0, 0])
            for m in ("accuracy", "balanced_accuracy", "auroc", "myocardium_dice")}
-    positive, called = scores.positive, scores.called[0]
-    out.update(val_tn=int((~positive & ~called).sum()), val_fp=int((~positive & called).sum()),
-               val_fn=int((positive & ~called).sum()), val_tp=int((positive & called).sum()))
+    out.update(zip(("val_tn", "val_fp", "val_fn", "val_tp"), confusion(scores)))
     return out
 
 
