@@ -82,16 +82,31 @@ def test_vae_round_trip_shapes(kwargs, input_shape, expected_latent_shape):
     (TINY_DOWNSTREAM, (2, 1, 64, 64), (2, 2, 64, 64)),
     ({**TINY_DOWNSTREAM, "norm": "instance", "dropout": 0.1}, (1, 1, 32, 96), (1, 2, 32, 96)),
     ({}, (1, 1, 64, 64), (1, 2, 64, 64)),  # the real DenseNet121 encoder, once
+    ({**TINY_DOWNSTREAM, "stem_stride": 1, "full_resolution_channels": 0}, (2, 1, 48, 32), (2, 2, 48, 32)),
+    ({**TINY_DOWNSTREAM, "stem_stride": 1}, (1, 1, 32, 32), (1, 2, 32, 32)),
 ])
 def test_downstream_forward_shape(kwargs, input_shape, expected_shape):
     model = build_downstream_model(DownstreamModelConfig(**kwargs))
     assert model(torch.randn(input_shape)).shape == expected_shape
 
 
+@pytest.mark.parametrize("stem_stride, strides", [(2, [1, 2, 4, 8, 16, 32]), (1, [1, 1, 2, 4, 8, 16])])
+def test_downstream_stem_stride_sets_the_encoder_resolution(stem_stride, strides):
+    model = build_downstream_model(DownstreamModelConfig(**TINY_DOWNSTREAM, stem_stride=stem_stride))
+    features = model.encode(torch.randn(1, 1, 64, 64))
+    assert [64 // f.shape[-1] for f in features] == strides
+    if stem_stride == 1:  # the decoder drops its coarsest stage; the stem's map is fused at full resolution
+        assert len(model.decoder.blocks) == 4
+        assert model.fuse.conv.in_channels == (TINY_DOWNSTREAM["decoder_channels"][-1] + TINY_DOWNSTREAM["init_features"]
+                                               + DownstreamModelConfig().full_resolution_channels)
+
+
 @pytest.mark.parametrize("build, bad_shape, message", [
     (lambda: build_reward_model(RewardModelConfig(**TINY_REWARD)), (1, 1, 30, 32), "multiples of 4"),
     (lambda: build_reward_model(RewardModelConfig(**TINY_REWARD)), (1, 2, 32, 32), "[B, 1, H, W]"),
     (lambda: build_downstream_model(DownstreamModelConfig(**TINY_DOWNSTREAM)), (1, 1, 48, 64), "multiples of 32"),
+    (lambda: build_downstream_model(DownstreamModelConfig(**TINY_DOWNSTREAM, stem_stride=1)), (1, 1, 40, 64),
+     "multiples of 16"),
 ])
 def test_bad_input_shape_is_named(build, bad_shape, message):
     with pytest.raises(ValueError, match=r"got shape \(1, \d, \d+, \d+\)") as info:
@@ -233,6 +248,7 @@ def test_config_json_round_trip(cls, kwargs):
     (DownstreamModelConfig, {"block_config": (2, 2, 2)}, "block_config"),
     (DownstreamModelConfig, {"decoder_channels": (16, 8)}, "decoder_channels"),
     (DownstreamModelConfig, {"dropout": -0.1}, "dropout"),
+    (DownstreamModelConfig, {"stem_stride": 4}, "stem_stride"),
 ])
 def test_bad_config_value_names_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=field):

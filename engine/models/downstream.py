@@ -26,7 +26,9 @@ H and W must be multiples of 32. MONAI's decoder gives its last stage no skip, a
 myocardium 2-4 px thick would reach the output only through stride-2 features. So a small
 full-resolution branch (``full_resolution_channels``: two 3x3 convolutions on the input) is
 concatenated with the decoder's output and fused by one more 3x3 convolution before the head, a
-full-resolution skip at the cost of a few small convolutions.
+full-resolution skip at the cost of a few small convolutions. ``stem_stride: 1`` keeps thin
+structures another way: a 3x3 stride-1 stem, so every dense block sees the image at
+twice the resolution (benchmarks/RESULTS.md compares the two on the phantom).
 
 Outputs are multi-label logits, one sigmoid per channel: channel 0 scar (labels 3, 4), channel 1
 myocardium region (labels 2, 3, 4), the targets of :func:`engine.models.reward.targets_from_label`.
@@ -54,7 +56,7 @@ from engine.models.reward import check_image_batch, segmentation_loss
 
 __all__ = ["DownstreamModelConfig", "DenseNetUNet", "build_downstream_model", "downstream_loss_fn", "predict"]
 
-SIZE_MULTIPLE = 32  # five stride-2 stages in the encoder
+SIZE_MULTIPLE = 32  # five stride-2 stages in the encoder (four with ``stem_stride`` 1: 16)
 OUTPUT_NAMES = ("scar", "myocardium")
 
 
@@ -77,6 +79,11 @@ class DownstreamModelConfig:
         norm: ``"batch"`` (DenseNet's own) or ``"instance"``, in encoder and decoder.
         loss: ``"dice_focal"`` or ``"dice_ce"``; see :func:`engine.models.reward.segmentation_loss`.
         full_resolution_channels: channels of the full-resolution skip (0: none, MONAI's decoder alone).
+        stem_stride: 2, DenseNet's own stem (a 7x7 stride-2 convolution; H, W multiples of 32), or 1,
+            a 3x3 stride-1 stem that keeps the resolution: every dense block runs at twice the
+            resolution (strides 1, 2, 4, 8, 16; H, W multiples of 16), the decoder drops its coarsest
+            stage, and the stem's full-resolution features are fused with the decoder's output as
+            the full-resolution skip is (the two can be combined).
 
     Example:
         >>> DownstreamModelConfig(init_features=8, growth_rate=4, block_config=(2, 2, 2, 2)).block_config
@@ -93,6 +100,7 @@ class DownstreamModelConfig:
     norm: Literal["batch", "instance"] = "batch"
     loss: Literal["dice_focal", "dice_ce"] = "dice_focal"
     full_resolution_channels: int = 16
+    stem_stride: Literal[1, 2] = 2
 
     def __post_init__(self):
         self.block_config, self.decoder_channels = tuple(self.block_config), tuple(self.decoder_channels)
@@ -116,6 +124,9 @@ class DownstreamModelConfig:
                              f"got {self.full_resolution_channels!r}")
         if self.loss not in ("dice_focal", "dice_ce"):
             raise ValueError(f"loss: expected 'dice_focal' or 'dice_ce', got {self.loss!r}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride: expected 2 (DenseNet's 7x7 stride-2 stem) or 1 (a 3x3 stem that keeps "
+                             f"the resolution), got {self.stem_stride!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-serializable fields; :meth:`from_dict` rebuilds an equal config."""
@@ -156,8 +167,10 @@ class DenseNetUNet(nn.Module):
         )
         self.encoder = densenet.features
         f = self.encoder
+        if config.stem_stride == 1:  # a 3x3 stride-1 stem: every dense block at twice the resolution
+            f.conv0 = nn.Conv2d(1, config.init_features, kernel_size=3, stride=1, padding=1, bias=False)
         encoder_channels = (
-            1,
+            *((1,) if config.stem_stride == 2 else ()),  # the stride-1 stem's features take the input's place
             f.conv0.out_channels,
             f.transition1.conv.in_channels,
             f.transition2.conv.in_channels,
@@ -167,7 +180,7 @@ class DenseNetUNet(nn.Module):
         self.decoder = UNetDecoder(
             spatial_dims=2,
             encoder_channels=encoder_channels,
-            decoder_channels=config.decoder_channels,
+            decoder_channels=config.decoder_channels[5 - len(encoder_channels) + 1:],  # stride 1: no stage 32 -> 16
             act=("relu", {"inplace": True}),
             norm=config.norm,
             dropout=config.dropout,
@@ -179,20 +192,23 @@ class DenseNetUNet(nn.Module):
             is_pad=False,
         )
         k, out = config.full_resolution_channels, config.decoder_channels[-1]
-        if k:
+        stem = config.init_features if config.stem_stride == 1 else 0  # fused at full resolution too
+        if k or stem:
             from monai.networks.blocks import Convolution
 
             def block(cin: int, cout: int) -> nn.Module:
                 return Convolution(2, cin, cout, kernel_size=3, act=("relu", {"inplace": True}), norm=config.norm,
                                    bias=False)
 
-            self.full_resolution = nn.Sequential(block(1, k), block(k, k))
-            self.fuse = block(out + k, out)
+            if k:
+                self.full_resolution = nn.Sequential(block(1, k), block(k, k))
+            self.fuse = block(out + k + stem, out)
         self.segmentation_head = SegmentationHead(
             spatial_dims=2, in_channels=out, out_channels=len(OUTPUT_NAMES), kernel_size=3)
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The input and the five encoder feature maps, strides 1, 2, 4, 8, 16, 32."""
+        """The input and the five encoder feature maps, strides 1, 2, 4, 8, 16, 32 (``stem_stride`` 1:
+        1, 1, 2, 4, 8, 16)."""
         f = self.encoder
         x0 = f.relu0(f.norm0(f.conv0(images)))
         x1 = f.denseblock1(f.pool0(x0))
@@ -202,11 +218,17 @@ class DenseNetUNet(nn.Module):
         return [images, x0, x1, x2, x3, x4]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_image_batch(images, SIZE_MULTIPLE, "downstream model")
+        check_image_batch(images, SIZE_MULTIPLE // (2 // self.config.stem_stride), "downstream model")
         features = self.encode(images)
+        full = []  # full-resolution maps fused with the decoder's output (whose last stage has no skip)
+        if self.config.stem_stride == 1:
+            features = features[1:]  # strides 1 (the stem), 2, 4, 8, 16
+            full.append(features[0])
         decoded = self.decoder(features, skip_connect=len(features) - 2)
         if self.config.full_resolution_channels:
-            decoded = self.fuse(torch.cat([decoded, self.full_resolution(images)], dim=1))
+            full.append(self.full_resolution(images))
+        if full:
+            decoded = self.fuse(torch.cat([decoded, *full], dim=1))
         return self.segmentation_head(decoded)
 
 
