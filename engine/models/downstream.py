@@ -180,7 +180,7 @@ class DenseNetUNet(nn.Module):
         self.decoder = UNetDecoder(
             spatial_dims=2,
             encoder_channels=encoder_channels,
-            decoder_channels=config.decoder_channels[5 - len(encoder_channels) + 1:],  # stride 1: no stage 32 -> 16
+            decoder_channels=config.decoder_channels[1:] if config.stem_stride == 1 else config.decoder_channels,
             act=("relu", {"inplace": True}),
             norm=config.norm,
             dropout=config.dropout,
@@ -218,7 +218,8 @@ class DenseNetUNet(nn.Module):
         return [images, x0, x1, x2, x3, x4]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_image_batch(images, SIZE_MULTIPLE // (2 // self.config.stem_stride), "downstream model")
+        check_image_batch(images, SIZE_MULTIPLE if self.config.stem_stride == 2 else SIZE_MULTIPLE // 2,
+                          "downstream model")
         features = self.encode(images)
         full = []  # full-resolution maps fused with the decoder's output (whose last stage has no skip)
         if self.config.stem_stride == 1:
