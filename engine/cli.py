@@ -205,8 +205,13 @@ def _storage_options(pairs: list[str]) -> dict:
 def _check_store(args: argparse.Namespace) -> int:
     import json
 
+    from engine.config import ConfigError, refuse_url_credentials
     from engine.synthesis.check import check_store
 
+    try:
+        refuse_url_credentials(args.url, "check-store URL")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
     summary, problems = check_store(args.url, _storage_options(args.storage_option))
     for problem in problems:
         print(f"{args.url}: {problem}")

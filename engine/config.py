@@ -48,7 +48,7 @@ from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_config", "dump_config"]
+__all__ = ["ConfigError", "refuse_url_credentials", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_config", "dump_config"]
 
 T = TypeVar("T")
 
@@ -130,6 +130,20 @@ def _got(value: Any) -> str:
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<userinfo>[^/@]*)@(?P<rest>.*)$", re.S)
+
+
+def refuse_url_credentials(value: str, key: str) -> None:
+    """A URL with a password in it (``s3://KEY:SECRET@bucket/x``) is refused, the secret never shown:
+    credentials come from the environment, never from a config (a user name alone, ``ssh://me@host``,
+    is no secret)."""
+    match = _URL_USERINFO.match(value)
+    if match and ":" in match["userinfo"]:
+        raise ConfigError(f"{key}: a URL with credentials in it ({match['scheme']}://***@{match['rest']}) is refused: "
+                          "set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or "
+                          "the cloud's provider chain); a config is logged and stored with its run")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -215,6 +229,7 @@ def _convert(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
         raise mismatch()
     if tp is str:
         if isinstance(value, str):
+            refuse_url_credentials(value, key)
             return value
         raise mismatch()
     if isinstance(tp, type) and issubclass(tp, PurePath):

@@ -192,6 +192,9 @@ def test_a_secret_in_the_environment_reaches_no_output_of_a_synthesis_run(tmp_pa
     ["synthesize", "--config", "{config}", "synthesis.storage_options.aws_secret_access_key={token}"],
     ["check-store", "{store}", "--storage-option", "secret={token}"],
     ["check-store", "{store}", "--storage-option", "client_kwargs={{aws_session_token: {token}}}"],
+    ["config", "--config", "{config}", "synthesis.store=s3://AKIAEXAMPLE:{token}@bucket/x.zarr"],
+    ["config", "--config", "{config}", "downstream.synthetic=gs://user:{token}@bucket/x.zarr"],
+    ["check-store", "s3://AKIAEXAMPLE:{token}@bucket/x.zarr"],
 ])
 def test_credentials_on_the_command_line_or_in_a_config_are_refused_without_echoing_them(tmp_path, capsys, argv):
     from engine.cli import main
@@ -203,3 +206,12 @@ def test_credentials_on_the_command_line_or_in_a_config_are_refused_without_echo
     out = capsys.readouterr()
     assert code == 2 and "credential" in out.err
     assert token not in out.out + out.err
+
+
+def test_a_user_name_alone_in_a_url_is_no_secret(tmp_path):
+    from engine.config import ConfigError, refuse_url_credentials
+
+    refuse_url_credentials("sftp://me@host/data/x.zarr", "synthesis.store")  # accepted
+    refuse_url_credentials("/data/a:b@c/x.zarr", "synthesis.store")  # a path, not a URL
+    with pytest.raises(ConfigError, match=r"synthesis.store: a URL with credentials in it \(s3://\*\*\*@b/x\)"):
+        refuse_url_credentials("s3://k:s@b/x", "synthesis.store")
