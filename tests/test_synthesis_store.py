@@ -545,6 +545,20 @@ def test_sequential_run_writes_every_candidate_once_with_provenance(done_run):
     assert problems == [] and summary_check["unique_ids"] == 18
 
 
+def test_xarray_opens_the_store_as_one_dataset_over_the_samples(done_run):
+    import xarray as xr  # the test extra's
+    cfg, _ = done_run
+    url = cfg.synthesis.store_url(cfg.run_dir)
+    ds = xr.open_zarr(url, consolidated=False)
+    group = zarr.open_group(url, mode="r")
+    assert ds["image"].dims == ("sample", "y", "x") and ds["dice"].dims == ds["sample_id"].dims == ("sample",)
+    assert ds.sizes["sample"] == 18 and ds["shard_complete"].dims == ("shard",)
+    np.testing.assert_array_equal(ds["image"].values, group["image"][:])
+    kept = ds.isel(sample=ds["passed"].values)  # a user's selection, by xarray alone
+    assert kept.sizes["sample"] == int(group["passed"][:].sum())
+    assert set(kept["sample_id"].values.tolist()) <= {str(s) for s in group["sample_id"][:]}
+
+
 def test_kept_region_equals_the_source_slice(done_run, parts):
     cfg, _ = done_run
     group = zarr.open_group(cfg.synthesis.store_url(cfg.run_dir), mode="r")

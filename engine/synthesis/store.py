@@ -50,6 +50,9 @@ ATTRS_KEY = "lgesynth"
 IMAGE_ARRAYS = {"image": "float32", "label": "uint8", "condition": "uint8"}
 ROW_ARRAYS = {"dice": "float32", "passed": "bool", "seed": "int64"}
 TEXT_ARRAYS = ("sample_id", "source", "caption", "spec", "skip_reason")
+# zarr v3 dimension names, so xarray opens a store as a Dataset (``xr.open_zarr(url)``): one sample
+# dimension shared by every per-sample array, the image axes, and the shard flags' own axis
+DIMENSIONS = {"image": ("sample", "y", "x"), "row": ("sample",), "marker": ("shard",)}
 MARKER = "shard_complete"
 CHUNK_KEYS = {"name": "default", "separator": "."}
 REQUIRED = ("image", "label", "passed")
@@ -169,15 +172,17 @@ def create_store(url: str, layout: StoreLayout, attrs: Mapping[str, Any],
     n, h, w, s = layout.rows, layout.height, layout.width, layout.shard_size
     for name, dtype in IMAGE_ARRAYS.items():
         group.create_array(name, shape=(n, h, w), chunks=(1, h, w), shards=(s, h, w), dtype=dtype, fill_value=0,
-                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS)
+                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS,
+                           dimension_names=DIMENSIONS["image"])
     for name, dtype in ROW_ARRAYS.items():
         group.create_array(name, shape=(n,), chunks=(s,), dtype=dtype, fill_value=0,
-                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS)
+                           compressors=compressors(compression, name), chunk_key_encoding=CHUNK_KEYS,
+                           dimension_names=DIMENSIONS["row"])
     for name in TEXT_ARRAYS:
         group.create_array(name, shape=(n,), chunks=(s,), dtype=str, compressors=compressors(compression, name),
-                           chunk_key_encoding=CHUNK_KEYS)
+                           chunk_key_encoding=CHUNK_KEYS, dimension_names=DIMENSIONS["row"])
     group.create_array(MARKER, shape=(layout.shards,), chunks=(1,), dtype="uint8", fill_value=0,
-                       chunk_key_encoding=CHUNK_KEYS)
+                       chunk_key_encoding=CHUNK_KEYS, dimension_names=DIMENSIONS["marker"])
     group.attrs[ATTRS_KEY] = dict(attrs)
     return group
 
