@@ -51,6 +51,28 @@ def test_realism_is_perfect_for_the_real_image_and_not_for_a_refill(base, tmp_pa
     assert -1.0 <= generated["ssim_whole"]["mean"] <= 1.0
 
 
+def test_a_positive_slice_without_a_blood_pool_is_left_out_for_every_method_and_counted(base, tmp_path, caplog):
+    """An apical positive slice has no cavity: the paste control cannot measure its level there, so
+    the realism gate leaves it out for every method (it had stopped the study's evaluation)."""
+    import dataclasses
+
+    from engine.anatomy.labels import CAVITY, MYOCARDIUM
+    from engine.training.data import select
+
+    cfg = tiny_config(base, tmp_path)
+    train = prepare_arrays(cfg)[0]["train"]
+    positives = select(train, train.positive)
+    label = positives.label.copy()
+    label[0][label[0] == CAVITY] = MYOCARDIUM  # the first positive slice loses its blood pool
+    apical = dataclasses.replace(positives, label=label)
+    items = realism_items(apical, cfg.data)
+    assert items["left_out"] == [str(positives.source[0])] and str(positives.source[0]) in caplog.text
+    assert len(items["image"]) == len(positives) - 1 and list(items["source"]) == list(positives.source[1:])
+    np.testing.assert_array_equal(items["image"], realism_items(positives, cfg.data)["image"][1:])
+    pasted = realism(PasteActor(), items, seed=0)  # refused the apical slice before
+    assert pasted["slices"] == len(positives) - 1 and pasted["left_out_no_blood_pool"] == 1
+
+
 class WholeCropNoise:
     """A 'method' that rewrites every pixel: the real image inside the inpainting region, noise outside."""
 

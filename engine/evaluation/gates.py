@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 QUALITY_KEYS = ("ssim_whole", "ssim_crop", "rmse_whole", "rmse_crop", "ssim_region", "rmse_region")
+logger = logging.getLogger(__name__)
 RATIO_KEYS = ("scar_blood", "scar_remote")
 
 
@@ -87,14 +89,29 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def realism_items(arrays, data_cfg, max_slices: int = 0) -> dict[str, Any]:
-    """The realism gate's inputs: every positive slice of ``arrays`` (at most ``max_slices``, the first
-    in slice order) with its real scar as the region to refill, its edge map and caption."""
+    """The realism gate's inputs: every positive slice of ``arrays`` that holds a blood pool (at most
+    ``max_slices``, the first in slice order) with its real scar as the region to refill, its edge
+    map and caption.
+
+    A positive slice without a blood pool label (an apical slice, where the cavity has closed) is
+    left out for every method alike: the paste control measures its scar level on the blood pool, and
+    realism compares the methods on the same slices. ``items["left_out"]`` lists the sources of the
+    slices left out (logged; the evaluation records their count)."""
+    from engine.anatomy.labels import CAVITY
     from engine.training.data import inpainting_arrays
 
     items = inpainting_arrays(arrays, data_cfg)
-    n = len(items["image"]) if not max_slices else min(max_slices, len(items["image"]))
-    items = {k: v[:n] for k, v in items.items()}
+    has_blood = (np.asarray(items["label"]) == CAVITY).reshape(len(items["label"]), -1).any(1)
+    left_out = [str(s) for s, keep in zip(items["source"], has_blood, strict=True) if not keep]
+    if left_out:
+        logger.warning("realism: %d positive slice(s) without a blood pool left out for every method (%s%s)",
+                       len(left_out), ", ".join(left_out[:5]), ", ..." if len(left_out) > 5 else "")
+    keep = np.flatnonzero(has_blood)
+    if max_slices:
+        keep = keep[:max_slices]
+    items = {k: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep] for k, v in items.items()}
     items["source_label"] = items["label"]  # what the paste control measures the blood pool on
+    items["left_out"] = left_out
     return items
 
 
@@ -115,7 +132,8 @@ def realism(actor, items: dict[str, Any], seed: int) -> dict[str, Any]:
     gen01 = np.where(region, np.clip((generated[:, 0] + 1.0) / 2.0, 0.0, 1.0), real01)
     scores = [{**image_quality(g, r, lab), **region_quality(g, r, m, float(r.max() - r.min()))}
               for g, r, lab, m in zip(gen01, real01, items["label"], region, strict=True)]
-    out: dict[str, Any] = {"slices": len(scores), "seed": int(seed)}
+    out: dict[str, Any] = {"slices": len(scores), "seed": int(seed),
+                           "left_out_no_blood_pool": len(items.get("left_out", []))}
     for key in QUALITY_KEYS:
         out[key] = mean_sd([s[key] for s in scores])
     out["images"] = gen01

@@ -35,6 +35,14 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
+def _left_out_text(result: dict[str, Any]) -> str:
+    """How many positive slices the realism gate left out for every method (no blood pool), if any."""
+    counts = {(e.get("realism") or {}).get("left_out_no_blood_pool", 0) for e in result["methods"].values()}
+    n = max(counts, default=0)
+    return (f"; {n} positive slice(s) without a blood pool (apical) left out for every method, since the paste "
+            "control measures its scar level on the blood pool") if n else ""
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -109,7 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
            "## Image quality and alignment (the paper's Table 1)", "",
            "Every method is scored over the same pixels: its refill kept inside the inpainting region (the real scar "
            "dilated), the real image outside it (paste rewrites only the scar, LGESynthNet the region, SPADE and "
-           "ControlNet the whole crop). Mean ± SD over slices.", "",
+           "ControlNet the whole crop). Mean ± SD over slices" + _left_out_text(result) + ".", "",
            "| method | SSIM whole | SSIM LV crop | SSIM region | RMSE whole | RMSE LV crop | RMSE region | candidates | pass rate | Dice-TP |",
            "|---|---|---|---|---|---|---|---|---|---|",
            f"| real positives (reward model reference) | | | | | | | {ref['slices']} slices | {_pct(ref['pass_rate'])} | {_num(ref['dice_tp'])} |"]
