@@ -222,6 +222,12 @@ def test_a_better_auroc_with_a_significant_loss_in_balanced_accuracy_does_not_he
     assert not shown_better(diff)
     assert shown_better({**diff, "balanced_accuracy": {"diff": 0.0, "ci95": [-0.1, 0.1]}})
     assert not shown_better({"balanced_accuracy": {"diff": 0.1, "ci95": [-0.01, 0.2]}})
+    # the verdict names the reason: a significant loss, or intervals that all hold zero
+    held = {"balanced_accuracy": {"diff": 0.1, "ci95": [-0.01, 0.2]}, "auroc": {"diff": 0.0, "ci95": [-0.1, 0.1]}}
+    result = {"methods": {"spade-fc": {"utility": {"vs_real_only": diff, "vs_paste": held}}}, "real_only": {}}
+    line = verdict(result)[0]
+    assert "help not shown (significantly worse in balanced accuracy)" in line, line
+    assert "beating paste not shown (every detection interval holds zero)" in line, line
 
 
 def test_the_report_json_and_markdown_carry_intervals_and_paired_differences(tmp_path):

@@ -122,19 +122,58 @@ def test_stratified_resamples_keep_each_class_count_and_sensitivity_spread_is_bi
     assert sens.std() == pytest.approx(np.sqrt(p * (1 - p) / 40), rel=0.1)  # Binomial(40, p) / 40
 
 
-def test_seeds_are_averaged_inside_each_resample():
-    """Two seeds that call every patient oppositely: each resample's seed mean of sensitivity,
-    specificity and balanced accuracy is exactly 0.5, so the interval is [0.5, 0.5]; bootstrapping
-    the seeds separately would have spread."""
+def test_seeds_are_averaged_inside_each_resample_and_resampled_themselves():
+    """Two seeds that call every patient oppositely: with the seeds held fixed, each resample's seed
+    mean of sensitivity, specificity and balanced accuracy is exactly 0.5, so the interval is
+    [0.5, 0.5], which hides that the two trainings disagree completely; resampling the seeds too
+    draws (right, right) a quarter of the time and (wrong, wrong) a quarter: [0, 1]."""
     runs = _runs(5, seeds=(0, 1))
     for run, right in zip(runs, (True, False)):
         for record in run["patients"].values():
             record["called"] = record["positive"] == right
     scores = PatientScores.from_runs(runs)
-    got = summary(scores, ["sensitivity", "specificity", "balanced_accuracy"], n_resamples=500)
-    for metric, entry in got.items():
+    metrics = ["sensitivity", "specificity", "balanced_accuracy"]
+    fixed = summary(scores, metrics, n_resamples=500, resample_seeds=False)
+    both = summary(scores, metrics, n_resamples=500)
+    for metric in metrics:
+        entry = fixed[metric]
         assert entry["mean"] == 0.5 and entry["sd"] == pytest.approx(np.sqrt(0.5)) and entry["n"] == 2, metric
         assert entry["ci95"] == [0.5, 0.5], metric
+        assert both[metric]["mean"] == 0.5 and both[metric]["ci95"] == [0.0, 1.0], metric
+
+
+def test_seed_level_interval_matches_scipy_when_patients_do_not_vary():
+    """Every patient alike within a seed (the patients' resampling then changes nothing): the
+    two-level interval is the percentile bootstrap of the seeds' values, as scipy computes it."""
+    from scipy.stats import bootstrap
+
+    seeds = tuple(range(8))
+    runs = _runs(9, n_pos=6, n_neg=6, seeds=seeds)
+    values = np.random.default_rng(0).uniform(0.2, 0.9, len(seeds))
+    for run, value in zip(runs, values):
+        for record in run["patients"].values():
+            record["scar_dice_sum"], record["scar_slices"] = (value, 1) if record["positive"] else (0.0, 0)
+    got = summary(PatientScores.from_runs(runs), ["dice"], n_resamples=20000)["dice"]
+    ref = bootstrap((values,), np.mean, n_resamples=20000, method="percentile", random_state=1).confidence_interval
+    assert got["mean"] == pytest.approx(values.mean())
+    assert got["ci95"] == pytest.approx([ref.low, ref.high], abs=0.01)
+    assert got["ci95"][1] - got["ci95"][0] > 0.1  # a spread the fixed seeds would not show
+    assert summary(PatientScores.from_runs(runs), ["dice"], resample_seeds=False)["dice"]["ci95"] == pytest.approx(
+        [values.mean()] * 2)
+
+
+def test_paired_seeds_are_drawn_together():
+    """Two arms whose every seed is the other's plus 0.1 in Dice: with the seeds drawn together
+    the difference is 0.1 in every resample, however much the seeds differ among themselves."""
+    runs = _runs(10, seeds=(0, 1, 2, 3))
+    shifted = _runs(10, seeds=(0, 1, 2, 3))
+    for k, (run, other) in enumerate(zip(runs, shifted)):
+        for pid, record in run["patients"].items():
+            record["scar_dice_sum"] = 0.2 * k * record["scar_slices"]
+            other["patients"][pid]["scar_dice_sum"] = (0.2 * k + 0.1) * record["scar_slices"]
+    diff = paired_difference(PatientScores.from_runs(shifted), PatientScores.from_runs(runs), ["dice"],
+                             n_resamples=500)["dice"]
+    assert diff["diff"] == pytest.approx(0.1) and diff["ci95"] == pytest.approx([0.1, 0.1])
 
 
 def test_summary_has_every_metric_with_an_interval_around_its_mean():

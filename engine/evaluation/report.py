@@ -60,6 +60,16 @@ def shown_better(differences: dict[str, Any] | None) -> bool:
     return 1 in signs and -1 not in signs
 
 
+def _not_shown_reason(differences: dict[str, Any]) -> str:
+    """Why :func:`shown_better` is false: a significant loss (named), else every interval holds zero."""
+    from engine.evaluation.stats import excludes_zero
+
+    worse = [_NAMES[k] for k in DETECTION_KEYS if excludes_zero(differences.get(k)) == -1]
+    if worse:
+        return f"significantly worse in {' and '.join(worse)}"
+    return "every detection interval holds zero"
+
+
 def _differences_text(differences: dict[str, Any]) -> str:
     return ", ".join(f"{_NAMES[k]} {_diff(differences.get(k))}" for k in (*DETECTION_KEYS, "dice"))
 
@@ -82,14 +92,15 @@ def verdict(result: dict[str, Any]) -> list[str]:
             continue
         vs_real = util.get("vs_real_only") or {}
         parts = [f"vs real only {_differences_text(vs_real)}: "
-                 + ("helps" if shown_better(vs_real) else "help not shown (an interval holds zero)")]
+                 + ("helps" if shown_better(vs_real) else f"help not shown ({_not_shown_reason(vs_real)})")]
         if name != "paste":
             vs_paste = util.get("vs_paste")
             if vs_paste is None:
                 parts.append("no paste control in this report: what the model adds over a model-free control is not shown")
             else:
                 parts.append(f"vs paste {_differences_text(vs_paste)}: "
-                             + ("beats the model-free control" if shown_better(vs_paste) else "beating paste not shown"))
+                             + ("beats the model-free control" if shown_better(vs_paste)
+                                else f"beating paste not shown ({_not_shown_reason(vs_paste)})"))
         realism = entry.get("realism") or {}
         ssim = (realism.get("ssim_crop") or {}).get("mean")
         if ssim is not None:
@@ -111,7 +122,7 @@ def markdown(result: dict[str, Any]) -> str:
            f"Filter threshold: Dice > {result['threshold']}; seeds {result['seeds']}; realism on the real "
            f"{result['realism_split']} positives; utility tested on the real test patients: mean ± SD over seeds "
            f"[95% interval from {boot.get('resamples', 'n/a')} bootstrap resamples of the test patients, stratified by "
-           "truth, seeds averaged inside each resample]. A patient's score is its largest component of predicted scar "
+           "truth, and of the seeds, averaged inside each resample]. A patient's score is its largest component of predicted scar "
            "inside the predicted myocardium (mm²); AUROC is threshold-free, the threshold of the other detection "
            "metrics is calibrated on the validation patients of each run.", "",
            "## Image quality and alignment (the paper's Table 1)", "",
@@ -161,7 +172,7 @@ def markdown(result: dict[str, Any]) -> str:
                    f"{_fmt(util.get('accuracy'))} | {conf} | {util['collapsed']} of {len(util['runs'])} |")
     compared = [(n, e["utility"]) for n, e in result["methods"].items() if (e.get("utility") or {}).get("vs_real_only")]
     if compared:
-        out += ["", "## Paired differences (95% patient-level bootstrap intervals; the same test patients, seeds and real draws)",
+        out += ["", "## Paired differences (95% bootstrap intervals over patients and seeds; the same test patients, seeds and real draws)",
                 "", "| method | vs real only: balanced accuracy | AUROC | Dice | vs paste: balanced accuracy | AUROC | Dice |",
                 "|---|---|---|---|---|---|---|"]
         for name, util in compared:

@@ -4,8 +4,16 @@ The unit that was sampled is the patient: a test cohort is a draw of patients, a
 not independent (one patient's slices share anatomy, scanner and scar). So every interval here comes
 from resampling test patients with replacement (a percentile bootstrap, Efron & Tibshirani 1993),
 never slices. Within each resample every metric is computed for each downstream training seed on
-the resampled patients and then averaged over the seeds, so the interval holds both sources of
-variation: which patients were tested and how training went.
+the resampled patients and then averaged over the seeds.
+
+Averaging a fixed set of seeds alone would hide how training went: the interval would be that of
+those trained models, which can be far narrower than their spread over seeds (benchmarks/RESULTS.md,
+the phantom study). So by default the seeds are resampled too (a two-level bootstrap: in each resample the
+seeds are drawn with replacement, as many as there are, and the patients as above; the metric is
+the mean over the drawn seeds), and the interval holds both sources of variation: which patients
+were tested and how training went. With few seeds that second part is coarse (three seeds make ten
+distinct draws), and more seeds narrow it; ``resample_seeds=False`` gives the interval of the seeds
+at hand.
 
 By default the resampling is stratified by the patient's truth (positive patients are drawn from
 the positive ones, negative from the negative ones, each as many as there are), as pROC does for
@@ -13,6 +21,7 @@ AUROC intervals: every resample then has both classes, so balanced accuracy and 
 defined, and the share of positives stays that of the test cohort.
 
 Two arms tested on the same patients are compared by a paired bootstrap: one resample of patients
+(and of seeds, when both arms ran the same seeds: seed s of every arm draws the same real slices)
 serves both arms, and the interval is that of the difference of their seed-averaged metrics. Arms
 differ only in their synthetic data (same seeds, same real draws, same test patients), so the
 difference is what the synthetic data changed.
@@ -185,12 +194,22 @@ def metric_values(scores: PatientScores, metric: str, weights: np.ndarray | None
     return _METRIC_FNS[metric](scores, w)
 
 
-def _seed_mean(values: np.ndarray) -> np.ndarray:
-    """The mean over seeds of each resample (NaN where no seed has a value)."""
+def _seed_mean(values: np.ndarray, seed_weights: np.ndarray | None = None) -> np.ndarray:
+    """The mean over seeds of each resample ``[B, S]`` -> ``[B]``, each seed counted as often as
+    ``seed_weights`` ``[B, S]`` draws it (default: once); NaN where no drawn seed has a value."""
     finite = np.isfinite(values)
-    count = finite.sum(1)
-    total = np.where(finite, values, 0.0).sum(1)
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    w = np.ones_like(values) if seed_weights is None else np.asarray(seed_weights, np.float64)
+    w = np.where(finite, w, 0.0)
+    count = w.sum(1)
+    total = (np.where(finite, values, 0.0) * w).sum(1)
+    return np.where(count > 0, total / np.where(count > 0, count, 1.0), np.nan)
+
+
+def seed_resample_weights(n_seeds: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """How often each training seed is drawn in each resample: int ``[B, S]``, rows summing to S
+    (a second generator, so the patients' draws stay those of :func:`resample_weights`)."""
+    rng = np.random.default_rng([seed, 1])
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_resamples)
 
 
 # ---------------------------------------------------------------------------------------- resampling
@@ -223,16 +242,17 @@ def _number(value: float) -> float | None:
 
 
 def summary(scores: PatientScores, metrics: Sequence[str] = METRICS, n_resamples: int = N_RESAMPLES, seed: int = 0,
-            stratified: bool = True) -> dict[str, dict[str, Any]]:
+            stratified: bool = True, resample_seeds: bool = True) -> dict[str, dict[str, Any]]:
     """Per metric: ``mean`` (over seeds, on the whole cohort), ``sd`` (over seeds), ``n`` (seeds
-    with a value), ``ci95`` (the patient-level bootstrap interval of the seed mean) and
-    ``resamples`` (those where the metric was defined)."""
+    with a value), ``ci95`` (the bootstrap interval of the seed mean: patients, and seeds unless
+    ``resample_seeds`` is false) and ``resamples`` (those where the metric was defined)."""
     weights = resample_weights(scores.positive, n_resamples, seed, stratified)
+    seed_w = seed_resample_weights(len(scores.seeds), n_resamples, seed) if resample_seeds else None
     out = {}
     for metric in metrics:
         per_seed = metric_values(scores, metric)[0]
         finite = per_seed[np.isfinite(per_seed)]
-        boot = _seed_mean(metric_values(scores, metric, weights))
+        boot = _seed_mean(metric_values(scores, metric, weights), seed_w)
         out[metric] = {"mean": _number(finite.mean()) if len(finite) else None,
                        "sd": _number(finite.std(ddof=1)) if len(finite) > 1 else (0.0 if len(finite) else None),
                        "n": int(len(finite)), "ci95": _interval(boot), "resamples": int(np.isfinite(boot).sum())}
@@ -241,19 +261,27 @@ def summary(scores: PatientScores, metrics: Sequence[str] = METRICS, n_resamples
 
 def paired_difference(arm: PatientScores, reference: PatientScores, metrics: Sequence[str] = METRICS,
                       n_resamples: int = N_RESAMPLES, seed: int = 0, stratified: bool = True,
-                      what: str = "") -> dict[str, dict[str, Any]]:
+                      what: str = "", resample_seeds: bool = True) -> dict[str, dict[str, Any]]:
     """Per metric: ``diff`` (arm minus reference, seed means on the whole cohort) and ``ci95`` (the
-    paired patient-level bootstrap interval of that difference: one resample of patients for both).
+    paired bootstrap interval of that difference: one resample of patients for both, and of seeds
+    unless ``resample_seeds`` is false: the same draw for both when they ran the same seeds, else
+    one for each).
 
     Raises:
         ValueError: the arms were not tested on the same patients.
     """
     arm.check_paired(reference, what)
     weights = resample_weights(arm.positive, n_resamples, seed, stratified)
+    arm_w = ref_w = None
+    if resample_seeds:
+        arm_w = seed_resample_weights(len(arm.seeds), n_resamples, seed)
+        ref_w = arm_w if arm.seeds == reference.seeds else seed_resample_weights(len(reference.seeds), n_resamples,
+                                                                                 seed + 1)
     out = {}
     for metric in metrics:
         point = _seed_mean(metric_values(arm, metric)) - _seed_mean(metric_values(reference, metric))
-        boot = _seed_mean(metric_values(arm, metric, weights)) - _seed_mean(metric_values(reference, metric, weights))
+        boot = (_seed_mean(metric_values(arm, metric, weights), arm_w)
+                - _seed_mean(metric_values(reference, metric, weights), ref_w))
         out[metric] = {"diff": _number(point[0]), "ci95": _interval(boot), "resamples": int(np.isfinite(boot).sum())}
     return out
 
@@ -267,4 +295,4 @@ def excludes_zero(entry: Mapping[str, Any] | None) -> int:
 
 
 __all__ = ["METRICS", "N_RESAMPLES", "PatientScores", "confusion", "excludes_zero", "metric_values", "paired_difference",
-           "resample_weights", "summary"]
+           "resample_weights", "seed_resample_weights", "summary"]
