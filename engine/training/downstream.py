@@ -155,12 +155,13 @@ def patient_records(masks: dict[str, np.ndarray], arrays, threshold_mm2: float) 
     return records
 
 
-def patient_detection_metrics(model, arrays, device, min_mm2: float, batch_size: int = 32) -> dict[str, float]:
-    """Patient-level detection on real slices (the largest scar component inside the myocardium >
-    ``min_mm2``), the patients' AUROC of that score, and myocardium Dice."""
+def patient_detection_metrics(masks: dict[str, np.ndarray], arrays, min_mm2: float) -> dict[str, float]:
+    """Patient-level detection on real slices from the model's masks (:func:`predict_masks`): the
+    largest scar component inside the myocardium > ``min_mm2``, the patients' AUROC of that score,
+    and myocardium Dice."""
     from engine.evaluation.stats import PatientScores, confusion, metric_values
 
-    records = patient_records(predict_masks(model, arrays, device, batch_size), arrays, min_mm2)
+    records = patient_records(masks, arrays, min_mm2)
     scores = PatientScores.from_runs([{"seed": 0, "patients": records}])
     out = {f"val_patient_{m}": float(metric_values(scores, m)[0, 0])
            for m in ("accuracy", "balanced_accuracy", "auroc", "myocardium_dice")}
@@ -173,7 +174,7 @@ def downstream_worker(config: dict[str, Any]) -> None:
     from engine.models.downstream import build_downstream_model, downstream_loss_fn
     from engine.training.loop import paired_batches
     from engine.training.runner import worker_setup
-    from engine.training.segmentation import scar_validation, train_segmentation_model
+    from engine.training.segmentation import scar_metrics, train_segmentation_model
 
     setup = worker_setup(config, DownstreamStageConfig)
     stage, val = setup.stage, setup.arrays["val"]
@@ -181,10 +182,10 @@ def downstream_worker(config: dict[str, Any]) -> None:
         setup.data = dataclasses.replace(setup.data, augment=False)
     net = build_downstream_model(stage.model)
 
-    def validate() -> dict[str, float]:
-        metrics = scar_validation(net, val.image, val.label, INPUT_RANGE, setup.device)
-        metrics.update(patient_detection_metrics(net, val, setup.device, stage.detection_min_mm2))
-        return metrics
+    def validate() -> dict[str, float]:  # one pass over the validation slices for every metric
+        net.eval()
+        masks = predict_masks(net, val, setup.device)
+        return {**scar_metrics(masks["scar"], val.label), **patient_detection_metrics(masks, val, stage.detection_min_mm2)}
 
     train = setup.arrays["train"]
     positive, synthetic = np.asarray(train.positive, bool), np.asarray(train.synthetic, bool)

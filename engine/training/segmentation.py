@@ -43,6 +43,12 @@ def scar_validation(model: nn.Module, image: np.ndarray, label: np.ndarray, inpu
         x = to_model_range(torch.tensor(image[start:start + batch_size], device=device), input_range)
         preds.append((torch.sigmoid(model(x)[:, :1].float()) > 0.5)[:, 0].cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros(label.shape, bool)
+    return scar_metrics(pred, label, threshold)
+
+
+def scar_metrics(pred: np.ndarray, label: np.ndarray, threshold: float = 0.6) -> dict[str, float]:
+    """:func:`scar_validation`'s metrics from predicted scar masks ``pred`` bool [N,S,S] (for a caller
+    that has predicted the slices already)."""
     truth = label >= 3
     positive = truth.reshape(len(truth), -1).any(1)
     out: dict[str, float] = {"val_slices": float(len(label)), "val_positive_slices": float(positive.sum())}
