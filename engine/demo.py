@@ -232,13 +232,19 @@ def budget_text(evaluation: dict[str, Any] | None) -> str:
             "part of the engine runs and what it reports, not what the method is worth.")
     util = ((evaluation or {}).get("real_only") or {}).get("utility") or {}
     lo, hi = (util.get("balanced_accuracy") or {}).get("ci95") or (None, None)
+    study = ("`lgesynth demo --config configs/study.yaml` is the study with the power to tell (an external test "
+             "phantom of 300 patients); benchmarks/RESULTS.md holds its figures.")
     if lo is None:
-        return text
+        return f"{text} {study}"
+    runs = len(util.get("runs") or []) or "?"
+    if util.get("collapsed"):
+        return (f"{text} {util['collapsed']} of {runs} real-only downstream runs collapsed (called every test patient "
+                f"the same), so its balanced accuracy of {util['balanced_accuracy'].get('mean', 0.5):.3f} and "
+                f"interval [{lo:.3f}, {hi:.3f}] describe a model that detects nothing, not the spread a method would "
+                f"have to beat: with this budget expect every verdict to read \"not shown\". {study}")
     return (f"{text} With {util.get('patients', '?')} test patients the real-only balanced accuracy's 95% interval "
             f"is [{lo:.3f}, {hi:.3f}], {hi - lo:.2f} wide: a method would have to move it by about that much to show "
-            "anything here, so expect every verdict to read \"not shown\". `lgesynth demo --config configs/study.yaml` "
-            "is the study with the power to tell (an external test phantom of 300 patients); benchmarks/RESULTS.md "
-            "holds its figures.")
+            f"anything here, so expect every verdict to read \"not shown\". {study}")
 
 
 def write_demo_report(result: dict[str, Any], out_dir: Path) -> str:

@@ -82,3 +82,19 @@ def test_the_demo_makes_its_own_test_phantom_and_points_the_evaluation_at_it(tmp
         demo_config(from_dict(EngineConfig, apply_overrides({}, [*overrides, "evaluation.test_cohort=elsewhere"])), None)
     with pytest.raises(ValueError, match="test_first_case 3 must be above patients"):
         from_dict(EngineConfig, apply_overrides({}, [*overrides, "demo.test_first_case=3"]))
+
+
+def test_the_demo_says_what_its_budget_can_show_from_its_own_interval():
+    from engine.demo import budget_text
+
+    def evaluation(ci95, collapsed=0, mean=0.6):
+        return {"real_only": {"utility": {"patients": 10, "collapsed": collapsed, "runs": [{}, {}],
+                                          "balanced_accuracy": {"mean": mean, "ci95": ci95}}}}
+
+    wide = budget_text(evaluation([0.3, 0.9]))
+    assert "[0.300, 0.900], 0.60 wide" in wide and "not shown" in wide and "configs/study.yaml" in wide
+    # collapsed runs give a degenerate interval: it is not read as a spread a method must beat
+    collapsed = budget_text(evaluation([0.5, 0.5], collapsed=2, mean=0.5))
+    assert "2 of 2 real-only downstream runs collapsed" in collapsed and "0.00 wide" not in collapsed
+    assert "detects nothing" in collapsed and "configs/study.yaml" in collapsed
+    assert "configs/study.yaml" in budget_text(None) and "minutes" in budget_text(None)
